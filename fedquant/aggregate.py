@@ -1,0 +1,276 @@
+"""Aggregation rules: combine K clients' reconstructed tensors, one tensor at a time.
+
+A rule is any callable ``rule(values, *, mse, num_examples) -> aggregate`` (see
+:class:`AggregationRule`); one function is enough to add a new one, and
+:func:`resolve_rule` finds it by registry name or ``"package.module:attr"``.
+:func:`aggregate_tensors` applies a rule to every tensor of a round's replies and
+checks what it returns. All arithmetic is in float64; results are float32.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import operator
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = [
+    "RULES",
+    "AggregationRule",
+    "ErrorWeighted",
+    "aggregate_tensors",
+    "plain_mean",
+    "resolve_rule",
+    "sample_weighted",
+]
+
+
+@runtime_checkable
+class AggregationRule(Protocol):
+    """Combine one tensor across K clients.
+
+    Args:
+        values: ``(K, *tensor_shape)``, client i's reconstructed tensor in row i
+            (float32 or float64).
+        mse: ``(K,)``, client i's quantization MSE on this tensor (0 when unquantized).
+        num_examples: ``(K,)``, client i's number of training examples.
+
+    Returns:
+        The aggregate, shape ``tensor_shape``, float32 (other float dtypes are cast).
+    """
+
+    def __call__(
+        self, values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray
+    ) -> np.ndarray: ...
+
+
+def _check_stack(values: np.ndarray, **per_client: np.ndarray) -> int:
+    """Return K after checking ``values`` is (K, ...) with K >= 1 and each (K,)."""
+    if values.ndim < 1 or values.shape[0] < 1:
+        raise ValueError(f"`values` must have shape (K, ...) with K >= 1, got {values.shape}")
+    k = values.shape[0]
+    for label, array in per_client.items():
+        if array.shape != (k,):
+            raise ValueError(f"`{label}` must have shape ({k},), got {array.shape}")
+    return k
+
+
+def _weighted_sum(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``sum_i weights[i] * values[i]`` in float64, returned as float32."""
+    total = np.tensordot(weights, values.astype(np.float64, copy=False), axes=(0, 0))
+    return np.asarray(total, dtype=np.float32)  # (*tensor_shape)
+
+
+@dataclass(frozen=True)
+class ErrorWeighted:
+    """Aggregation by quantization error (paper B, Bozorgasl & Chen 2024, arXiv
+    2405.13365, "aggregation by quantization error").
+
+    ``w = sum_i (e_i^-1 / sum_k e_k^-1) * w_i`` with ``e_i = max(mse_i, floor)``.
+    Client data sizes are ignored. The floor guards a perfectly quantized (or
+    unquantized, mse 0) tensor: such clients share the weight almost entirely,
+    instead of causing a division by zero or being dropped. Weights are computed as
+    ``(e_min / e_i) / sum_k (e_min / e_k)``, every ratio in (0, 1], so neither huge
+    nor tiny errors overflow. Caveat: the weights trust each client's reported MSE;
+    a client that under-reports its error gains weight.
+    """
+
+    floor: float = 1e-12
+
+    def __post_init__(self) -> None:
+        if isinstance(self.floor, bool) or not isinstance(self.floor, int | float):
+            raise ValueError(f"`floor` must be a positive float. Found `{self.floor!r}`.")
+        if not (math.isfinite(self.floor) and self.floor > 0):
+            raise ValueError(f"`floor` must be finite and > 0. Found `{self.floor!r}`.")
+
+    def __call__(
+        self, values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray
+    ) -> np.ndarray:
+        values = np.asarray(values)
+        errors = np.asarray(mse, dtype=np.float64)
+        _check_stack(values, mse=errors)
+        if not (np.isfinite(errors).all() and (errors >= 0).all()):
+            raise ValueError(f"`mse` must be finite and >= 0, got {errors}")
+        errors = np.maximum(errors, self.floor)
+        ratios = errors.min() / errors  # in (0, 1], the smallest error gets 1
+        return _weighted_sum(values, ratios / ratios.sum())
+
+
+def sample_weighted(
+    values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray
+) -> np.ndarray:
+    """FedAvg: ``w = sum_i (n_i / sum_k n_k) * w_i`` (McMahan et al. 2017,
+    "Communication-Efficient Learning of Deep Networks from Decentralized Data",
+    Algorithm 1). ``mse`` is ignored.
+
+    Raises:
+        ValueError: a negative or non-finite ``n_i``, or ``sum_k n_k <= 0``.
+    """
+    values = np.asarray(values)
+    counts = np.asarray(num_examples, dtype=np.float64)
+    _check_stack(values, num_examples=counts)
+    if not (np.isfinite(counts).all() and (counts >= 0).all()):
+        raise ValueError(f"`num_examples` must be finite and >= 0, got {counts}")
+    total = counts.sum()
+    if total <= 0:
+        raise ValueError(f"`num_examples` must sum to > 0, got {counts}")
+    return _weighted_sum(values, counts / total)
+
+
+def plain_mean(values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray) -> np.ndarray:
+    """Unweighted mean ``w = (1/K) sum_i w_i``; ``mse`` and ``num_examples`` are ignored."""
+    values = np.asarray(values)
+    k = _check_stack(values)
+    return _weighted_sum(values, np.full(k, 1.0 / k))
+
+
+RULES: dict[str, AggregationRule] = {
+    "error-weighted": ErrorWeighted(),
+    "fedavg": sample_weighted,
+    "mean": plain_mean,
+}
+"""Rules by name, for run configs (``aggregation = "error-weighted"``)."""
+
+
+def resolve_rule(spec: str | AggregationRule) -> AggregationRule:
+    """Turn a run-config value into a rule.
+
+    ``spec`` is a name in :data:`RULES`, or ``"package.module:attr"`` where ``attr``
+    (dots allowed, e.g. ``"Class.method"``) is a function, a class (instantiated
+    with no arguments) or a callable instance; a callable passes through unchanged.
+
+    Raises:
+        ValueError: unknown name, module not importable, attribute missing, class
+            not instantiable without arguments, or the result is not callable; the
+            message names ``spec``.
+        TypeError: ``spec`` is neither a str nor callable.
+    """
+    if not isinstance(spec, str):
+        if callable(spec):
+            return spec
+        raise TypeError(f"aggregation rule must be a str or callable, got {spec!r}")
+    if ":" not in spec:
+        if spec in RULES:
+            return RULES[spec]
+        known = ", ".join(sorted(RULES))
+        raise ValueError(
+            f"unknown aggregation rule {spec!r}: use one of {known} or 'package.module:attr'"
+        )
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"aggregation rule {spec!r}: expected 'package.module:attr'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001 - any import failure is a config error
+        raise ValueError(
+            f"aggregation rule {spec!r}: cannot import module {module_name!r}: {err}"
+        ) from err
+    obj: object = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as err:
+            raise ValueError(
+                f"aggregation rule {spec!r}: {module_name!r} has no attribute {attr!r}"
+            ) from err
+    if isinstance(obj, type):
+        try:
+            obj = obj()
+        except TypeError as err:
+            raise ValueError(
+                f"aggregation rule {spec!r}: class cannot be instantiated without arguments: {err}"
+            ) from err
+    if not callable(obj):
+        raise ValueError(f"aggregation rule {spec!r}: {obj!r} is not callable")
+    return obj  # type: ignore[return-value]  # callable; the signature is checked by use
+
+
+def _rule_name(rule: object) -> str:
+    name = getattr(rule, "__qualname__", None)
+    return name if isinstance(name, str) else type(rule).__qualname__
+
+
+def aggregate_tensors(
+    clients: Sequence[Mapping[str, np.ndarray]],
+    *,
+    mse: Sequence[Mapping[str, float]],
+    num_examples: Sequence[int],
+    rule: AggregationRule,
+) -> dict[str, np.ndarray]:
+    """Aggregate each named tensor over the clients with ``rule``.
+
+    For every tensor name, stacks the K clients' arrays to ``(K, *shape)`` and calls
+    ``rule(values, mse=(K,) float64, num_examples=(K,) int64)``. Every client (and
+    every ``mse`` mapping) must carry the same names and, per name, the same shape;
+    no client is dropped silently. Names keep the first client's order.
+
+    Returns:
+        ``{name: float32 array of the tensor's shape}``.
+
+    Raises:
+        ValueError: K == 0; sequence lengths differ; names or shapes disagree;
+            ``num_examples`` not integers; the rule returns the wrong shape, a
+            non-numeric or a non-finite result (named with rule and tensor).
+    """
+    k = len(clients)
+    if k == 0:
+        raise ValueError("cannot aggregate zero clients")
+    if len(mse) != k or len(num_examples) != k:
+        raise ValueError(
+            f"got {k} clients but {len(mse)} mse mappings and {len(num_examples)} num_examples"
+        )
+    try:
+        counts = np.array([operator.index(n) for n in num_examples], dtype=np.int64)
+    except (TypeError, OverflowError) as err:
+        raise ValueError(f"`num_examples` must be ints, got {list(num_examples)}") from err
+
+    names = list(clients[0].keys())
+    wanted = set(names)
+    for i in range(k):
+        for label, mapping in (("tensors", clients[i]), ("mse", mse[i])):
+            if set(mapping.keys()) != wanted:
+                extra = sorted(set(mapping.keys()) - wanted)
+                missing = sorted(wanted - set(mapping.keys()))
+                raise ValueError(
+                    f"client {i} {label}: names differ from client 0 "
+                    f"(missing {missing}, extra {extra})"
+                )
+
+    rule_name = _rule_name(rule)
+    result: dict[str, np.ndarray] = {}
+    for name in names:
+        arrays = [np.asarray(client[name]) for client in clients]
+        shape = arrays[0].shape
+        for i, array in enumerate(arrays):
+            if array.shape != shape:
+                raise ValueError(
+                    f"tensor {name!r}: client {i} has shape {array.shape}, client 0 has {shape}"
+                )
+        values = np.stack(arrays)  # (K, *shape)
+        if values.dtype not in (np.float32, np.float64):
+            values = values.astype(np.float64)
+        errors = np.array([float(m[name]) for m in mse], dtype=np.float64)  # (K,)
+        try:
+            out = rule(values, mse=errors, num_examples=counts.copy())
+        except Exception as err:
+            err.add_note(f"while aggregating tensor {name!r} with rule {rule_name}")
+            raise
+        out = np.asarray(out)
+        if out.shape != shape:
+            raise ValueError(
+                f"rule {rule_name} returned shape {out.shape} for tensor {name!r}, expected {shape}"
+            )
+        if out.dtype.kind not in "fiu":
+            raise ValueError(
+                f"rule {rule_name} returned dtype {out.dtype} for tensor {name!r}, expected float"
+            )
+        out = out.astype(np.float32)
+        if not np.isfinite(out).all():
+            raise ValueError(f"rule {rule_name} returned non-finite values for tensor {name!r}")
+        result[name] = out
+    return result

@@ -1,0 +1,172 @@
+"""The run configuration: Flower run-config keys (kebab-case), validated once.
+
+Both apps and the launcher build a :class:`RunConfig` from Flower's flat
+``context.run_config`` mapping. Every value is checked in ``__post_init__``; a bad one
+raises :class:`ConfigError` naming the key and the value, before any client starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedquant.data import Partitioning
+from fedquant.models import ModelName
+from fedquant.quantize import ClipRule, Rounding
+
+UNQUANTIZED_BITS = 32
+
+
+class ConfigError(ValueError):
+    """A run-config key has an invalid value (or is unknown)."""
+
+    def __init__(self, key: str, value: object, reason: str) -> None:
+        super().__init__(f"run config key '{key}' = {value!r}: {reason}")
+        self.key = key
+        self.value = value
+
+
+class PayloadMode(enum.Enum):
+    """What a client uploads.
+
+    UPDATE: Δ = w_local − w_global, quantized (the default; Δ is small and centred,
+    so the clip threshold is tight).
+    WEIGHTS: w_local itself, quantized: the setting of Bozorgasl & Chen (2024), who
+    send quantized weights and their quantization error.
+    """
+
+    UPDATE = "update"
+    WEIGHTS = "weights"
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """All run-config keys with their defaults (mirrored in pyproject.toml)."""
+
+    num_server_rounds: int = 8
+    num_supernodes: int = 10
+    fraction_train: float = 1.0
+    min_train_nodes: int = 1
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    model: ModelName = ModelName.CNN
+    bits: int = 4
+    clip: ClipRule = ClipRule.OCTAV
+    rounding: Rounding = Rounding.STOCHASTIC
+    payload: PayloadMode = PayloadMode.UPDATE
+    aggregator: str = "error-weighted"
+    mse_floor: float = 1e-12
+    max_clip: float = 1e4
+    partitioning: Partitioning = Partitioning.IID
+    dirichlet_alpha: float = 0.5
+    seed: int = 0
+    out_dir: str = "outputs"
+    round_timeout: float = 600.0
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "num_server_rounds")
+        _positive_int(self, "num_supernodes")
+        _positive_int(self, "min_train_nodes")
+        _positive_int(self, "local_epochs")
+        _positive_int(self, "batch_size")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError("fraction-train", self.fraction_train, "must be in (0, 1]")
+        for name in ("lr", "mse_floor", "max_clip", "dirichlet_alpha", "round_timeout"):
+            if not getattr(self, name) > 0.0:
+                raise ConfigError(_key(name), getattr(self, name), "must be > 0")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError("momentum", self.momentum, "must be in [0, 1)")
+        if not (1 <= self.bits <= 8 or self.bits == UNQUANTIZED_BITS):
+            raise ConfigError("bits", self.bits, "must be 1..8, or 32 for unquantized")
+        if not self.aggregator:
+            raise ConfigError("aggregator", self.aggregator, "must not be empty")
+        if not self.out_dir:
+            raise ConfigError("out-dir", self.out_dir, "must not be empty")
+        if self.min_train_nodes > self.num_supernodes:
+            raise ConfigError(
+                "min-train-nodes", self.min_train_nodes, "must be <= num-supernodes"
+            )
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits != UNQUANTIZED_BITS
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any], *, strict: bool = False) -> RunConfig:
+        """Build from Flower's run config (kebab-case keys, TOML-typed values).
+
+        Keys this class does not know are kept in ``extra`` (other features of the
+        app may read them), or rejected when ``strict``.
+        """
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+        known: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                if strict:
+                    raise ConfigError(key, value, "unknown key")
+                extra[key] = value
+                continue
+            known[name] = _coerce(key, value, fields[name].type)
+        return cls(**known, extra=extra)
+
+    def to_flower(self) -> dict[str, Any]:
+        """The flat kebab-case mapping (enums as their values)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            out[_key(f.name)] = value.value if hasattr(value, "value") else value
+        return out
+
+
+def _positive_int(config: RunConfig, name: str) -> None:
+    if getattr(config, name) < 1:
+        raise ConfigError(_key(name), getattr(config, name), "must be >= 1")
+
+
+_ENUMS = {
+    "ModelName": ModelName,
+    "ClipRule": ClipRule,
+    "Rounding": Rounding,
+    "PayloadMode": PayloadMode,
+    "Partitioning": Partitioning,
+}
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    """Check a TOML value against the field's annotated type (a string here)."""
+    type_name = str(type_name)
+    if type_name in _ENUMS:
+        enum_cls = _ENUMS[type_name]
+        choices = [m.value for m in enum_cls]
+        if not isinstance(value, str) or value not in choices:
+            raise ConfigError(key, value, f"must be one of {choices}")
+        return enum_cls(value)
+    if type_name == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, value, "must be an integer")
+        return value
+    if type_name == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, value, "must be a number")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(key, value, "must be finite")
+        return float(value)
+    if type_name == "str":
+        if not isinstance(value, str):
+            raise ConfigError(key, value, "must be a string")
+        return value
+    raise TypeError(f"no coercion for {type_name}")  # a programming error, not input

@@ -1,0 +1,1 @@
+"""ServerApp, run configuration, simulation launcher and benchmark drivers."""

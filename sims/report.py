@@ -1,0 +1,128 @@
+"""Per-round results of a run: progress lines, JSON, CSV and a PNG plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+# Columns of rounds.csv, in order; also the keys of each round in results.json.
+COLUMNS = (
+    "round",
+    "accuracy",
+    "loss",
+    "train-loss",
+    "accepted",
+    "rejected",
+    "failed",
+    "uplink-bytes",
+    "uplink-float32-bytes",
+    "compression",
+    "mse-mean",
+    "mse-max",
+)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunReport:
+    """Collects one row per round and writes the results folder after each round."""
+
+    def __init__(self, out_dir: str | Path, config: Mapping[str, Any]) -> None:
+        self.out_dir = Path(out_dir)
+        self.config = dict(config)
+        self.rows: list[dict[str, Any]] = []
+        self.initial: dict[str, float] = {}
+
+    def add_round(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        full = {c: row.get(c) for c in COLUMNS}
+        up, ref = full["uplink-bytes"], full["uplink-float32-bytes"]
+        full["compression"] = (ref / up) if up else None
+        self.rows.append(full)
+        self.write()
+        return full
+
+    def summary(self) -> dict[str, Any]:
+        up = sum(r["uplink-bytes"] or 0 for r in self.rows)
+        ref = sum(r["uplink-float32-bytes"] or 0 for r in self.rows)
+        last = self.rows[-1] if self.rows else {}
+        return {
+            "rounds": len(self.rows),
+            "initial-accuracy": self.initial.get("accuracy"),
+            "final-accuracy": last.get("accuracy"),
+            "final-loss": last.get("loss"),
+            "total-uplink-bytes": up,
+            "total-uplink-float32-bytes": ref,
+            "compression-ratio": (ref / up) if up else None,
+            "uplink-fraction-of-float32": (up / ref) if ref else None,
+            "rejected-replies": sum(r["rejected"] or 0 for r in self.rows),
+            "failed-replies": sum(r["failed"] or 0 for r in self.rows),
+        }
+
+    def write(self) -> None:
+        payload = {
+            "config": self.config,
+            "initial": self.initial,
+            "rounds": self.rows,
+            "summary": self.summary(),
+        }
+        _atomic_write(self.out_dir / "results.json", json.dumps(payload, indent=2))
+        lines = [",".join(COLUMNS)]
+        for row in self.rows:
+            lines.append(",".join("" if row[c] is None else repr(row[c]) for c in COLUMNS))
+        _atomic_write(self.out_dir / "rounds.csv", "\n".join(lines) + "\n")
+
+    def plot(self) -> Path:
+        """accuracy and uplink bytes per round, as rounds.png."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rounds = [r["round"] for r in self.rows]
+        fig, (ax_acc, ax_bytes) = plt.subplots(1, 2, figsize=(10, 4))
+        ax_acc.plot(rounds, [r["accuracy"] for r in self.rows], marker="o")
+        ax_acc.set(xlabel="round", ylabel="test accuracy", title="Central test accuracy")
+        ax_acc.grid(alpha=0.3)
+        kib = 1024.0
+        ax_bytes.plot(
+            rounds, [r["uplink-bytes"] / kib for r in self.rows], marker="o", label="sent (quantized)"
+        )
+        ax_bytes.plot(
+            rounds,
+            [r["uplink-float32-bytes"] / kib for r in self.rows],
+            marker="s",
+            linestyle="--",
+            label="float32 equivalent",
+        )
+        ax_bytes.set(xlabel="round", ylabel="uplink KiB (all clients)", title="Uplink per round")
+        ax_bytes.set_yscale("log")
+        ax_bytes.legend()
+        ax_bytes.grid(alpha=0.3)
+        bits = self.config.get("bits")
+        fig.suptitle(f"fedquant: {bits}-bit updates, aggregator {self.config.get('aggregator')}")
+        fig.tight_layout()
+        path = self.out_dir / "rounds.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+def read_csv(path: str | Path) -> list[dict[str, str]]:
+    with Path(path).open(newline="") as f:
+        return list(csv.DictReader(f))

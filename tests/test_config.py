@@ -1,0 +1,48 @@
+"""Run-config validation: every bad value names its key and value."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedquant.config import ConfigError, PayloadMode, RunConfig
+from fedquant.quantize import ClipRule, Rounding
+from sims.run import default_run_config
+
+
+def test_pyproject_defaults_match_runconfig_defaults() -> None:
+    assert RunConfig.from_flower(default_run_config(), strict=True) == RunConfig()
+
+
+def test_parses_flower_values() -> None:
+    cfg = RunConfig.from_flower(
+        {"bits": 2, "clip": "max", "rounding": "nearest", "payload": "weights", "lr": 1}
+    )
+    assert (cfg.bits, cfg.clip, cfg.rounding, cfg.payload) == (
+        2, ClipRule.MAX, Rounding.NEAREST, PayloadMode.WEIGHTS,
+    )
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert RunConfig.from_flower({"bits": 32}).quantized is False
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("bits", 0), ("bits", 9), ("bits", 16), ("bits", True), ("bits", "4"),
+        ("clip", "median"), ("rounding", "up"), ("payload", "grads"),
+        ("partitioning", "shards"), ("dirichlet-alpha", 0.0), ("lr", -0.1),
+        ("lr", float("nan")), ("fraction-train", 0.0), ("fraction-train", 1.5),
+        ("num-server-rounds", 0), ("local-epochs", 2.5), ("batch-size", -1),
+        ("momentum", 1.0), ("out-dir", ""), ("model", "resnet9000"),
+    ],
+)
+def test_bad_value_names_key_and_value(key: str, value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_flower({key: value})
+    assert info.value.key == key
+    assert f"'{key}'" in str(info.value) and repr(value) in str(info.value)
+
+
+def test_unknown_key_rejected_when_strict() -> None:
+    with pytest.raises(ConfigError, match="'bitz'"):
+        RunConfig.from_flower({"bitz": 4}, strict=True)
+    assert RunConfig.from_flower({"bitz": 4}).extra == {"bitz": 4}
