@@ -70,6 +70,7 @@ def train(msg: Message, context: Context) -> Message:
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
         generator=generator,
+        max_steps=cfg.local_steps,
     )
 
     local_state = model.state_dict()

@@ -55,6 +55,7 @@ class RunConfig:
     fraction_train: float = 1.0
     min_train_nodes: int = 1
     local_epochs: int = 1
+    local_steps: int = 0
     batch_size: int = 32
     lr: float = 0.05
     momentum: float = 0.9
@@ -79,6 +80,8 @@ class RunConfig:
         _positive_int(self, "min_train_nodes")
         _positive_int(self, "local_epochs")
         _positive_int(self, "batch_size")
+        if self.local_steps < 0:
+            raise ConfigError("local-steps", self.local_steps, "must be >= 0 (0: full epochs)")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError("fraction-train", self.fraction_train, "must be in (0, 1]")
         for name in ("lr", "mse_floor", "max_clip", "dirichlet_alpha", "round_timeout"):

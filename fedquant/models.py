@@ -72,17 +72,23 @@ def train_epochs(
     epochs: int,
     batch_size: int,
     generator: torch.Generator,
+    max_steps: int = 0,
 ) -> float:
     """Run ``epochs`` passes of ``optimizer`` over ``data``; return the mean loss.
+
+    ``max_steps > 0`` stops after that many optimizer steps (local-steps in FL).
 
     The optimizer is built by the caller so that a DP optimizer (Opacus) can take
     the place of plain SGD without changing this loop.
     """
     model.train()
     loss_fn = nn.CrossEntropyLoss()
-    total, count = 0.0, 0
+    total, count, steps = 0.0, 0, 0
     for _ in range(epochs):
         for images, labels in batches(data, batch_size=batch_size, generator=generator):
+            if max_steps and steps >= max_steps:
+                return total / max(count, 1)
+            steps += 1
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(images), labels)
             loss.backward()

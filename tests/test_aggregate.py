@@ -329,8 +329,8 @@ def test_aggregate_rejects_mismatched_names_and_lengths() -> None:
         aggregate_tensors(clients, mse=mse, num_examples=n, rule=plain_mean)
     clients, mse, n = _replies(k=3)
     with pytest.raises(ValueError, match="ints"):
-        bad_counts = [1.5, 2, 3]
-        aggregate_tensors(clients, mse=mse, num_examples=bad_counts, rule=plain_mean)  # type: ignore[arg-type]
+        bad_counts: list = [1.5, 2, 3]  # not ints
+        aggregate_tensors(clients, mse=mse, num_examples=bad_counts, rule=plain_mean)
 
 
 def _wrong_shape(values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray) -> np.ndarray:

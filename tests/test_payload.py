@@ -399,8 +399,17 @@ def _plausible_replies(draw: st.DrawFn) -> RecordDict:
     return RecordDict({CODES_KEY: codes, META_KEY: meta})
 
 
+@st.composite
+def _plausible_float_replies(draw: st.DrawFn) -> RecordDict:
+    """Unquantized mode with .npy-like bytes that may disagree with the Array."""
+    shape = draw(st.lists(st.integers(0, 4), max_size=3).map(tuple))
+    array = Array(dtype="float32", shape=shape, stype="numpy.ndarray", data=_npy_like(draw))
+    meta = ConfigRecord({"w/bits": 32, "w/clip": 0.0, "w/mse": 0.0})
+    return RecordDict({CODES_KEY: ArrayRecord({"w": array}), META_KEY: meta})
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(content=st.one_of(_replies(), _plausible_replies()))
+@given(content=st.one_of(_replies(), _plausible_replies(), _plausible_float_replies()))
 def test_arbitrary_reply_decodes_or_raises_payload_error(content: RecordDict) -> None:
     try:
         decoded = decode_update(content)

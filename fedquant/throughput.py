@@ -1,0 +1,114 @@
+"""Throughput of quantize + pack against ``torch.quantize_per_tensor``.
+
+The reference row is what torch needs to do the same job from the same input: the scale
+from max|x| (``torch.aminmax``) and ``torch.quantize_per_tensor`` to quint8 (8-bit codes,
+no packing, no error). The fedquant rows time ``quantize`` (clip threshold, codes and
+their MSE) followed by ``pack_codes``. MB/s counts float32 input bytes over the median
+wall time; methods are interleaved within each repeat so that load drift hits all alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from fedquant.packing import pack_codes
+from fedquant.quantize import ClipRule, Rounding, quantize
+
+__all__ = ["quantize_pack_throughput"]
+
+REFERENCE = "torch.quantize_per_tensor (quint8, scale from max|x|)"
+
+
+def _reference(x: torch.Tensor) -> Callable[[], object]:
+    def run() -> object:
+        lo, hi = torch.aminmax(x)
+        scale = max(-float(lo), float(hi)) / 127.5 or 1.0
+        with warnings.catch_warnings():  # quantized dtypes are deprecated in torch 2.13
+            warnings.simplefilter("ignore")
+            return torch.quantize_per_tensor(x, scale, 128, torch.quint8)
+
+    return run
+
+
+def _fedquant(
+    x: torch.Tensor, *, bits: int, clip: ClipRule, rounding: Rounding, seed: int
+) -> Callable[[], object]:
+    generator = torch.Generator().manual_seed(seed)
+
+    def run() -> object:
+        q = quantize(x, bits=bits, clip=clip, rounding=rounding, generator=generator)
+        return pack_codes(q.codes, bits=bits)
+
+    return run
+
+
+def quantize_pack_throughput(
+    *, numel: int = 4_000_000, bits: int = 4, repeats: int = 5, seed: int = 0
+) -> list[dict]:
+    """Rows ``{"method", "mb_per_s", "ratio_vs_torch"}``; the torch reference comes first.
+
+    ``x ~ N(0, 1)`` float32 of ``numel`` elements drawn with ``seed``; each method runs
+    once to warm up, then ``repeats`` times (interleaved); MB/s = 4 * numel / 1e6 over
+    the median seconds; ``ratio_vs_torch`` = MB/s / reference MB/s.
+    """
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1:
+        raise ValueError(f"`numel` must be an integer >= 1. Found `{numel!r}`.")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"`repeats` must be an integer >= 1. Found `{repeats!r}`.")
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(seed))
+    methods: dict[str, Callable[[], object]] = {REFERENCE: _reference(x)}
+    for clip in (ClipRule.MAX, ClipRule.OCTAV):
+        for rounding in (Rounding.STOCHASTIC, Rounding.NEAREST):
+            name = f"fedquant quantize+pack {bits}-bit {clip.name}/{rounding.value}"
+            methods[name] = _fedquant(x, bits=bits, clip=clip, rounding=rounding, seed=seed)
+
+    timings: dict[str, list[float]] = {name: [] for name in methods}
+    for run in methods.values():
+        run()  # warm-up (thread pool, allocator, caches)
+    for _ in range(repeats):
+        for name, run in methods.items():
+            start = time.perf_counter()
+            run()
+            timings[name].append(time.perf_counter() - start)
+
+    megabytes = 4 * numel / 1e6
+    rates = {name: megabytes / statistics.median(times) for name, times in timings.items()}
+    return [
+        {"method": name, "mb_per_s": rate, "ratio_vs_torch": rate / rates[REFERENCE]}
+        for name, rate in rates.items()
+    ]
+
+
+def format_table(rows: list[dict]) -> str:
+    """Plain-text table of ``quantize_pack_throughput`` rows."""
+    width = max(len(row["method"]) for row in rows)
+    lines = [f"{'method':<{width}}  {'MB/s':>9}  {'vs torch':>8}"]
+    lines += [
+        f"{row['method']:<{width}}  {row['mb_per_s']:>9.1f}  {row['ratio_vs_torch']:>8.2f}"
+        for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--numel", type=int, default=4_000_000)
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rows = quantize_pack_throughput(
+        numel=args.numel, bits=args.bits, repeats=args.repeats, seed=args.seed
+    )
+    print(f"numel={args.numel} bits={args.bits} threads={torch.get_num_threads()}")
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

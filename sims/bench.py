@@ -1,0 +1,193 @@
+"""Benchmark: final accuracy across bits x aggregator x rounding, and codec throughput.
+
+    python -m sims.bench                      # the full grid (see --help)
+    python -m sims.bench --seeds 0 --bits 4 32 --rounds 3   # a quick look
+
+Every cell runs the real ServerApp loop, strategy and ClientApp code through
+``sims.inprocess.InProcessGrid`` (no Ray: a sweep of ~100 runs would otherwise spend
+most of its time starting processes), on the embedded MNIST, with the same rounds,
+clients and seeds for all cells. Prints a table per partitioning (mean ± std of
+the final test accuracy over seeds), the paper-B targets, and the quantize+pack
+throughput against ``torch.quantize_per_tensor`` measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+AGGREGATORS = ("error-weighted", "fedavg")
+ROUNDINGS = ("stochastic", "nearest")
+
+
+def cells(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One dict of run-config overrides per (partitioning, bits, aggregator, rounding, seed)."""
+    out = []
+    for part, bits, agg, rounding, seed in itertools.product(
+        args.partitionings, args.bits, AGGREGATORS, ROUNDINGS, args.seeds
+    ):
+        if bits == 32 and rounding != ROUNDINGS[0]:
+            continue  # rounding does not apply to float32
+        out.append(
+            {
+                "partitioning": part,
+                "bits": bits,
+                "aggregator": agg,
+                "rounding": rounding,
+                "seed": seed,
+                "num-server-rounds": args.rounds,
+                "num-supernodes": args.clients,
+                "local-steps": args.local_steps,
+                "dirichlet-alpha": args.alpha,
+                "out-dir": str(Path(args.out) / "runs" / _cell_name(part, bits, agg, rounding, seed)),
+            }
+        )
+    return out
+
+
+def _cell_name(part: str, bits: int, agg: str, rounding: str, seed: int) -> str:
+    return f"{part}-b{bits}-{agg}-{rounding}-s{seed}"
+
+
+def run_cell(overrides: dict[str, Any]) -> dict[str, Any]:
+    import logging
+
+    import torch
+
+    from fedquant.config import RunConfig
+    from sims.inprocess import run_in_process
+
+    torch.set_num_threads(1)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    cfg = RunConfig.from_flower(overrides, strict=True)
+    summary = run_in_process(cfg).summary()
+    return {**overrides, **summary}
+
+
+def table(results: list[dict[str, Any]], partitioning: str, bits_list: Sequence[int]) -> list[str]:
+    """Markdown table: rows bits x rounding, columns aggregators; mean ± std over seeds."""
+
+    def cell(bits: int, agg: str, rounding: str) -> str:
+        accs = [
+            100 * r["final-accuracy"]
+            for r in results
+            if (r["partitioning"], r["bits"], r["aggregator"], r["rounding"])
+            == (partitioning, bits, agg, rounding)
+        ]
+        if not accs:
+            return "-"
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        return f"{statistics.mean(accs):.2f} ± {std:.2f}"
+
+    lines = [
+        f"| {partitioning} | bits | rounding | " + " | ".join(AGGREGATORS) + " | uplink / float32 |",
+        "|---|---|---|" + "---|" * len(AGGREGATORS) + "---|",
+    ]
+    for bits in bits_list:
+        for rounding in ROUNDINGS if bits != 32 else ROUNDINGS[:1]:
+            fractions = [
+                r["uplink-fraction-of-float32"]
+                for r in results
+                if (r["partitioning"], r["bits"], r["rounding"]) == (partitioning, bits, rounding)
+            ]
+            shown = rounding if bits != 32 else "-"
+            frac = f"{statistics.mean(fractions):.4f}" if fractions else "-"
+            lines.append(
+                f"| | {bits} | {shown} | "
+                + " | ".join(cell(bits, agg, rounding) for agg in AGGREGATORS)
+                + f" | {frac} |"
+            )
+    return lines
+
+
+def targets(results: list[dict[str, Any]], partitioning: str) -> list[str]:
+    """Paper-B targets: 4-bit error-weighted within 1 point of 32-bit FedAvg; 2-bit within 3."""
+
+    def mean_acc(bits: int, agg: str) -> float | None:
+        accs = [
+            100 * r["final-accuracy"]
+            for r in results
+            if (r["partitioning"], r["bits"], r["aggregator"], r["rounding"])
+            == (partitioning, bits, agg, "stochastic")
+        ]
+        return statistics.mean(accs) if accs else None
+
+    ref = mean_acc(32, "fedavg")
+    lines = []
+    for bits, allowed in ((4, 1.0), (2, 3.0)):
+        acc = mean_acc(bits, "error-weighted")
+        if ref is None or acc is None:
+            continue
+        gap = ref - acc
+        verdict = "met" if gap <= allowed else "NOT met"
+        lines.append(
+            f"- {partitioning}: {bits}-bit error-weighted (stochastic) {acc:.2f} vs 32-bit FedAvg"
+            f" {ref:.2f}: gap {gap:+.2f} points (target <= {allowed:.0f}): {verdict}"
+        )
+    return lines
+
+
+def throughput_lines() -> list[str]:
+    from fedquant.throughput import quantize_pack_throughput
+
+    rows = quantize_pack_throughput()
+    lines = ["| method | MB/s (float32 in) | vs torch.quantize_per_tensor |", "|---|---|---|"]
+    lines += [f"| {r['method']} | {r['mb_per_s']:.0f} | {r['ratio_vs_torch']:.2f} |" for r in rows]
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sims.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--partitionings", nargs="+", default=["iid", "dirichlet"])
+    parser.add_argument("--bits", nargs="+", type=int, default=[1, 2, 4, 8, 32])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--local-steps", type=int, default=25)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out", default="outputs/bench")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    args = parser.parse_args(argv)
+
+    report: list[str] = []
+    if not args.skip_accuracy:
+        todo = cells(args)
+        print(f"{len(todo)} runs on {args.jobs} processes ...", file=sys.stderr, flush=True)
+        results: list[dict[str, Any]] = []
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            for i, res in enumerate(pool.map(run_cell, todo), 1):
+                results.append(res)
+                print(
+                    f"[{i}/{len(todo)}] {_cell_name(res['partitioning'], res['bits'], res['aggregator'], res['rounding'], res['seed'])}:"
+                    f" accuracy {res['final-accuracy']:.4f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "accuracy.json").write_text(json.dumps(results, indent=2))
+        report.append(
+            f"Final test accuracy (%) after {args.rounds} rounds, {args.clients} clients,"
+            f" {args.local_steps} local steps of batch 32 per round, seeds {args.seeds}"
+            f" (Dirichlet alpha {args.alpha}); mean ± std over seeds:"
+        )
+        for part in args.partitionings:
+            report += ["", *table(results, part, args.bits)]
+        report += ["", "Targets:"] + [t for part in args.partitionings for t in targets(results, part)]
+    report += ["", "Quantize + pack throughput, 4 bits, 4M float32 elements:", *throughput_lines()]
+    text = "\n".join(report)
+    print(text)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "bench.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
