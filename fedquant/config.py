@@ -50,7 +50,7 @@ def _key(name: str) -> str:
 class RunConfig:
     """All run-config keys with their defaults (mirrored in pyproject.toml)."""
 
-    num_server_rounds: int = 8
+    num_server_rounds: int = 5
     num_supernodes: int = 10
     fraction_train: float = 1.0
     min_train_nodes: int = 1

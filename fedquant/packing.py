@@ -20,6 +20,7 @@ import torch
 __all__ = ["pack_codes", "packed_size", "unpack_codes"]
 
 _GROUP = 8  # codes per uint64 group
+_CHUNK = 1 << 16  # codes per block processed at once (a multiple of _GROUP; cache-sized)
 
 
 def _check_bits(bits: object) -> int:
@@ -92,21 +93,40 @@ def pack_codes(codes: torch.Tensor | np.ndarray, *, bits: int) -> bytes:
         return flat.tobytes()
     if bits == 1:
         return np.packbits(flat, bitorder="little").tobytes()
-    size = packed_size(count, bits=bits)
+    whole = count - count % _GROUP  # codes in complete groups of 8
+    out = np.empty(packed_size(whole + (_GROUP if whole < count else 0), bits=bits), np.uint8)
+    for start in range(0, whole, _CHUNK):  # cache-sized blocks
+        stop = min(start + _CHUNK, whole)
+        _pack_block(flat[start:stop], out[start * bits // 8 : stop * bits // 8], bits)
+    if whole < count:  # last, partial group: zero-padded, so the pad bits are zero
+        tail = np.zeros(_GROUP, np.uint8)
+        tail[: count - whole] = flat[whole:]
+        _pack_block(tail, out[whole * bits // 8 :], bits)
+    return out[: packed_size(count, bits=bits)].tobytes()
+
+
+def _pack_block(block: np.ndarray, out: np.ndarray, bits: int) -> None:
+    """Pack ``block`` (uint8, length a multiple of 8) into ``out`` (len * bits / 8 bytes)."""
     if bits == 4:
-        words = _padded(flat, 2).view("<u2")  # (c0 | c1 << 8) per word
-        packed = (words | (words >> 4)).astype(np.uint8)  # low byte: c0 | c1 << 4
-        return packed.tobytes()[:size]
+        words = block.view("<u2")  # (c0 | c1 << 8) per word
+        packed = words >> np.uint16(4)
+        packed |= words  # low byte: c0 | c1 << 4
+        np.copyto(out, packed, casting="unsafe")  # keeps the low byte
+        return
     if bits == 2:
-        words = _padded(flat, 4).view("<u4")  # c0 | c1 << 8 | c2 << 16 | c3 << 24
-        words = words | (words >> 6)  # 16-bit lanes: c_even | c_odd << 2
-        words |= words >> 12  # low byte: c0 | c1 << 2 | c2 << 4 | c3 << 6
-        return words.astype(np.uint8).tobytes()[:size]  # low byte of each word
-    groups = _padded(flat, _GROUP).view("<u8")  # (G,): byte j holds code 8g + j
+        words = block.view("<u4")  # c0 | c1 << 8 | c2 << 16 | c3 << 24
+        packed = words >> np.uint32(6)
+        packed |= words  # 16-bit lanes: c_even | c_odd << 2
+        packed |= packed >> np.uint32(12)  # low byte: c0 | c1 << 2 | c2 << 4 | c3 << 6
+        np.copyto(out, packed, casting="unsafe")
+        return
+    groups = block.view("<u8")  # (G,): byte j holds code 8g + j
     for shift, low, high in _lane_masks(bits):
         groups = (groups & np.uint64(low)) | ((groups & np.uint64(high)) >> np.uint64(shift))
-    out = _le_bytes(groups).reshape(-1, _GROUP)[:, :bits]  # (G, bits), low bytes
-    return out.tobytes()[:size]
+    wide = _le_bytes(groups).reshape(-1, _GROUP)  # (G, 8); payload in bytes 0..bits-1
+    narrow = out.reshape(-1, bits)  # (G, bits)
+    for j in range(bits):  # column copies: much faster than one (G, bits) 2-D copy
+        narrow[:, j] = wide[:, j]
 
 
 def _padded(flat: np.ndarray, multiple: int) -> np.ndarray:
@@ -125,7 +145,7 @@ def _le_bytes(words: np.ndarray) -> np.ndarray:
 
 
 def unpack_codes(data: bytes, *, bits: int, count: int) -> np.ndarray:
-    """Inverse of ``pack_codes``: ``count`` codes as a 1-D uint8 array (a fresh copy).
+    """Inverse of ``pack_codes``: ``count`` codes as a new 1-D uint8 array.
 
     ``data`` must be bytes-like of exactly ``packed_size(count, bits=bits)`` bytes, else
     ValueError naming ``data``. Nonzero pad bits in the last byte are ignored.
@@ -147,21 +167,37 @@ def unpack_codes(data: bytes, *, bits: int, count: int) -> np.ndarray:
         return raw.copy()
     if bits == 1:
         return np.unpackbits(raw, count=count, bitorder="little")
-    if bits == 4:
-        words = raw.astype(np.uint16)
-        words = (words | (words << 4)) & np.uint16(0x0F0F)  # byte 0: c0, byte 1: c1
-        return _le_bytes(words)[:count].copy()
-    if bits == 2:
-        words = raw.astype(np.uint32)
-        words = (words | (words << 12)) & np.uint32(0x000F000F)
-        words = (words | (words << 6)) & np.uint32(0x03030303)
-        return _le_bytes(words)[:count].copy()
     groups_count = -(-count // _GROUP)
     # ceil(ceil(count*bits/8) / bits) == ceil(count/8): padding gives whole groups.
-    body = _padded(raw, bits).reshape(groups_count, bits)  # (G, bits)
-    wide = np.zeros((groups_count, _GROUP), np.uint8)  # (G, 8)
-    wide[:, :bits] = body
+    body = _padded(raw, bits)  # (G * bits,)
+    out = np.empty(groups_count * _GROUP, np.uint8)
+    for start in range(0, out.size, _CHUNK):
+        stop = min(start + _CHUNK, out.size)
+        _unpack_block(body[start * bits // 8 : stop * bits // 8], out[start:stop], bits)
+    return out[:count]
+
+
+def _unpack_block(block: np.ndarray, out: np.ndarray, bits: int) -> None:
+    """Inverse of ``_pack_block``: ``block`` holds len(out) * bits / 8 bytes."""
+    if bits == 4:
+        words = block.astype(np.uint16)  # c0 | c1 << 4
+        words |= words << np.uint16(4)
+        words &= np.uint16(0x0F0F)  # byte 0: c0, byte 1: c1
+        out[:] = _le_bytes(words)
+        return
+    if bits == 2:
+        words = block.astype(np.uint32)  # c0 | c1 << 2 | c2 << 4 | c3 << 6
+        words |= words << np.uint32(12)
+        words &= np.uint32(0x000F000F)  # 16-bit lanes: c_even | c_odd << 2
+        words |= words << np.uint32(6)
+        words &= np.uint32(0x03030303)
+        out[:] = _le_bytes(words)
+        return
+    narrow = block.reshape(-1, bits)  # (G, bits)
+    wide = np.zeros((narrow.shape[0], _GROUP), np.uint8)  # (G, 8)
+    for j in range(bits):
+        wide[:, j] = narrow[:, j]
     groups = wide.reshape(-1).view("<u8")
     for shift, low, high in reversed(_lane_masks(bits)):
         groups = (groups & np.uint64(low)) | ((groups << np.uint64(shift)) & np.uint64(high))
-    return _le_bytes(groups)[:count].copy()
+    out[:] = _le_bytes(groups)

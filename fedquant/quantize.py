@@ -21,10 +21,14 @@ Implementation notes (the arithmetic actually executed):
   c = floor(.) + (n + 1)/2, computed as an int8 and shifted modulo 256.
 * For ``ClipRule.MAX`` the float multiplier a is rounded down so that |u| <= n/2 holds in
   floating point; no clipping pass is needed then.
+* The error is accumulated in u-units per chunk, sum((u - level_u)**2), and
+  ``mse = sum / (N a**2)``; a non-finite result falls back to an exact float64 pass.
 * Stochastic rounding uses 16 random bits per element: U = (k + 1/2) / 2**16 with k
-  uniform on 0..65535, drawn from a numpy PCG64 stream whose seed is one draw from the
+  uniform on 0..65535, drawn from a numpy SFC64 stream whose seed is one draw from the
   caller's ``torch.Generator``. E[c] equals n y up to 2**-17 of a step (the resolution of
-  the dither, comparable to float32 rounding of n y), and values on the grid are exact.
+  the dither, comparable to float32 rounding of n y). Values on the grid keep their code
+  as long as the float rounding of u stays below 2**-17 (float64 input; float32 input
+  up to 6 bits).
   Streams are split into fixed blocks of 2**20 elements, so codes do not depend on the
   number of worker threads.
 * Large tensors are processed in cache-sized chunks by a small thread pool (numpy
@@ -37,7 +41,7 @@ import enum
 import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -62,6 +66,7 @@ _PARALLEL_MIN = 1 << 20  # below this many elements per worker, stay single-thre
 _OCTAV_SAMPLE = 1 << 17  # OCTAV runs on at most this many |x| values
 _OCTAV_SAMPLE_SEED = 0x0C7A5  # fixed seed of the OCTAV subsample (never the clock)
 _RNG_BITS = 16  # random bits per element for stochastic rounding
+_CPUS = os.cpu_count() or 1
 
 
 class Rounding(enum.Enum):
@@ -167,11 +172,20 @@ def _flat_numpy(x: torch.Tensor) -> np.ndarray:
 
 
 def _abs_max(flat: np.ndarray) -> float:
-    """max|x| as a Python float; ValueError if x holds NaN or inf."""
+    """max|x| as a Python float; ValueError if x holds NaN or inf.
+
+    numpy's max/min (single-threaded SIMD, split over the worker pool for large inputs)
+    rather than torch.aminmax, whose OpenMP barrier stalls when another process holds
+    one of the cores.
+    """
     if flat.size == 0:
         return 0.0
-    lo, hi = torch.aminmax(torch.from_numpy(flat))
-    amax = max(-float(lo), float(hi))
+
+    def part(lo: int, hi: int) -> float:
+        chunk = flat[lo:hi]
+        return max(float(chunk.max()), -float(chunk.min()))
+
+    amax = _run_parts(part, flat.size, _CHUNK, reduce=max)
     if not math.isfinite(amax):
         raise ValueError("`x` must contain only finite values. Found NaN or inf.")
     return amax
@@ -384,19 +398,23 @@ def _executor(workers: int) -> ThreadPoolExecutor:
 
 
 def _worker_count(size: int) -> int:
-    limit = min(torch.get_num_threads(), os.cpu_count() or 1)
-    return max(1, min(limit, size // _PARALLEL_MIN))
+    return max(1, min(torch.get_num_threads(), _CPUS, size // _PARALLEL_MIN))
 
 
-def _run_parts(fn: Callable[[int, int], float], size: int, align: int) -> float:
-    """Split [0, size) into per-worker ranges aligned to ``align``; sum fn's results."""
+def _run_parts(
+    fn: Callable[[int, int], float],
+    size: int,
+    align: int,
+    reduce: Callable[[Iterable[float]], float] = sum,
+) -> float:
+    """Split [0, size) into per-worker ranges aligned to ``align``; reduce fn's results."""
     workers = _worker_count(size)
     if workers == 1:
         return fn(0, size)
     blocks = -(-size // align)
     bounds = [min(size, (blocks * w // workers) * align) for w in range(workers + 1)]
     parts = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
-    return sum(_executor(workers).map(lambda p: fn(*p), parts))
+    return reduce(_executor(workers).map(lambda p: fn(*p), parts))
 
 
 def _multiplier(s: float, n: int, dtype: type[np.floating], *, exact_max: bool) -> np.floating:
@@ -419,7 +437,7 @@ def _quantize_flat(
     needs_clip: bool,
     seed: int | None,
 ) -> float:
-    """Write int8 codes c - (n+1)/2 into ``codes`` and return sum((u - level_u)**2).
+    """Write the codes into ``codes`` (uint8) and return sum((u - level_u)**2).
 
     u = x * a; level_u = floor(z) + 1/2 with z = clip(u) (+ V for stochastic rounding).
     """
@@ -427,6 +445,7 @@ def _quantize_flat(
     half = dtype(0.5 * n)
     codes8 = codes.view(np.int8)
     point_five = dtype(0.5)
+    offset = np.uint8((n + 1) // 2)
     noise_scale = dtype(2.0**-_RNG_BITS)
     noise_shift = dtype(2.0 ** -(_RNG_BITS + 1) - 0.5)  # V = (k + 1/2) 2**-16 - 1/2
 
@@ -435,7 +454,7 @@ def _quantize_flat(
         u_buf = np.empty(size, dtype)
         z_buf = np.empty(size, dtype)
         c_buf = np.empty(size, dtype) if needs_clip and seed is not None else None
-        rng: np.random.PCG64 | None = None
+        rng: np.random.SFC64 | None = None
         sse = 0.0
         for i in range(lo, hi, _CHUNK):
             j = min(i + _CHUNK, hi)
@@ -445,7 +464,7 @@ def _quantize_flat(
             if seed is not None:
                 if i % _RNG_BLOCK == 0 or rng is None:
                     block = i // _RNG_BLOCK
-                    rng = np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(block,)))
+                    rng = np.random.SFC64(np.random.SeedSequence(seed, spawn_key=(block,)))
                 words = -(-(j - i) * _RNG_BITS // 64)
                 k = rng.random_raw(words).view(np.uint16)[: j - i]
                 np.multiply(k, noise_scale, out=z)
@@ -464,20 +483,14 @@ def _quantize_flat(
                 src = u
             np.floor(src, out=z)
             np.copyto(codes8[i:j], z, casting="unsafe")
+            # uint8 wrap-around: (c - (n+1)/2) mod 256 + (n+1)/2 = c
+            np.add(codes[i:j], offset, out=codes[i:j])
             np.subtract(u, z, out=u)
             np.subtract(u, point_five, out=u)
             sse += float(np.dot(u, u))
         return sse
 
-    sse = _run_parts(work, flat.size, _RNG_BLOCK if seed is not None else _CHUNK)
-    offset = np.uint8((n + 1) // 2)
-    _run_parts(lambda lo, hi: _shift_codes(codes[lo:hi], offset), codes.size, _CHUNK)
-    return sse
-
-
-def _shift_codes(codes: np.ndarray, offset: np.uint8) -> float:
-    np.add(codes, offset, out=codes)  # uint8 wrap-around: (c - (n+1)/2) mod 256 + (n+1)/2
-    return 0.0
+    return _run_parts(work, flat.size, _RNG_BLOCK if seed is not None else _CHUNK)
 
 
 def _direct_mse(flat: np.ndarray, codes: np.ndarray, *, s: float, n: int) -> float:
@@ -520,17 +533,18 @@ def quantize(
     _check_rounding(rounding)
     if not isinstance(clip, ClipRule):
         clip = _check_clip_value(clip)
-    if rounding is Rounding.STOCHASTIC:
-        if not isinstance(generator, torch.Generator):
-            raise ValueError(
-                "`generator` must be a torch.Generator for Rounding.STOCHASTIC. "
-                f"Found `{generator!r}`."
-            )
+    if rounding is Rounding.STOCHASTIC and not isinstance(generator, torch.Generator):
+        raise ValueError(
+            "`generator` must be a torch.Generator for Rounding.STOCHASTIC. "
+            f"Found `{generator!r}`."
+        )
     x = _check_tensor(x)
     shape = x.shape
     flat = _flat_numpy(x)
     amax = _abs_max(flat)
-    seed = _seed_from(generator) if rounding is Rounding.STOCHASTIC else None  # type: ignore[arg-type]
+    seed = None
+    if rounding is Rounding.STOCHASTIC and isinstance(generator, torch.Generator):
+        seed = _seed_from(generator)
 
     if clip is ClipRule.MAX:
         s = amax
@@ -581,16 +595,31 @@ def _work_array(flat: np.ndarray, s: float, amax: float, n: int) -> tuple[np.nda
 def dequantize(codes: torch.Tensor, *, bits: int, clip: float) -> torch.Tensor:
     """Reconstruction ``x_hat = s (2c/n - 1)`` as float32, same shape as ``codes``.
 
-    Computed in float64 and rounded once to float32. ValueError if ``codes`` is not a
-    uint8 tensor or holds a value above 2**bits - 1.
+    Evaluated as ``(2c - n) * (s / n)`` in float64 and rounded once to float32, on the
+    CPU. ValueError if ``codes`` is not a uint8 tensor or holds a value above 2**bits - 1.
     """
     n = 2 ** _check_bits(bits) - 1
     s = _check_clip_value(clip)
     if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
         found = codes.dtype if isinstance(codes, torch.Tensor) else type(codes)
         raise ValueError(f"`codes` must be a torch.uint8 tensor. Found `{found}`.")
-    if codes.numel() and int(codes.max()) > n:
-        raise ValueError(f"`codes` must be <= {n} for bits={bits}. Found `{int(codes.max())}`.")
-    levels = torch.tensor([s * (2.0 * c / n - 1.0) for c in range(n + 1)], dtype=torch.float64)
-    lut = levels.to(torch.float32)
-    return lut[codes.to(torch.int64)]
+    flat = codes.detach().cpu().reshape(-1).contiguous().numpy()
+    top = int(flat.max()) if flat.size else 0
+    if top > n:
+        raise ValueError(f"`codes` must be <= {n} for bits={bits}. Found `{top}`.")
+    out = np.empty(flat.size, np.float32)
+    step = s / n
+
+    def work(lo: int, hi: int) -> float:
+        buf = np.empty(min(_CHUNK, hi - lo), np.float64)
+        for i in range(lo, hi, _CHUNK):
+            j = min(i + _CHUNK, hi)
+            b = buf[: j - i]
+            np.multiply(flat[i:j], 2.0, out=b)
+            np.subtract(b, float(n), out=b)
+            np.multiply(b, step, out=b)
+            np.copyto(out[i:j], b, casting="same_kind")
+        return 0.0
+
+    _run_parts(work, flat.size, _CHUNK)
+    return torch.from_numpy(out).reshape(codes.shape)

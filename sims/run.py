@@ -168,6 +168,7 @@ def submit_and_follow(
     overrides: Mapping[str, Any],
     *,
     num_supernodes: int,
+    client_cpus: int = 1,
     stream: bool = True,
 ) -> dict[str, Any]:
     """``flwr run`` the app on ``link``, follow its log, return its final status."""
@@ -175,7 +176,12 @@ def submit_and_follow(
     command = ["flwr", "run", str(APP_DIR), CONNECTION, "--format", "json"]
     if run_config:
         command += ["--run-config", run_config]
-    command += ["--federation-config", f"num-supernodes={num_supernodes}"]
+    # Flower's default reserves 2 CPUs per simulated client: one at a time on 2 cores.
+    # Clients here run torch on one thread, so one CPU each runs two at once.
+    command += [
+        "--federation-config",
+        f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus}",
+    ]
     out = subprocess.run(command, env=link.env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"flwr run failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
