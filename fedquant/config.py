@@ -72,6 +72,7 @@ class RunConfig:
     seed: int = 0
     out_dir: str = "outputs"
     round_timeout: float = 600.0
+    eval_every: int = 1
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -80,6 +81,7 @@ class RunConfig:
         _positive_int(self, "min_train_nodes")
         _positive_int(self, "local_epochs")
         _positive_int(self, "batch_size")
+        _positive_int(self, "eval_every")
         if self.local_steps < 0:
             raise ConfigError("local-steps", self.local_steps, "must be >= 0 (0: full epochs)")
         if not 0.0 < self.fraction_train <= 1.0:

@@ -22,7 +22,7 @@ from fedquant.quantize import ClipRule, Rounding, quantize
 
 __all__ = ["quantize_pack_throughput"]
 
-REFERENCE = "torch.quantize_per_tensor (quint8, scale from max|x|)"
+REFERENCE = "torch.quantize_per_tensor (quint8, scale from max abs)"
 
 
 def _reference(x: torch.Tensor) -> Callable[[], object]:
@@ -102,7 +102,10 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)  # also caps fedquant's worker threads
     rows = quantize_pack_throughput(
         numel=args.numel, bits=args.bits, repeats=args.repeats, seed=args.seed
     )

@@ -45,6 +45,7 @@ def cells(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "num-server-rounds": args.rounds,
                 "num-supernodes": args.clients,
                 "local-steps": args.local_steps,
+                "eval-every": args.rounds,  # only the final accuracy is reported
                 "dirichlet-alpha": args.alpha,
                 "out-dir": str(Path(args.out) / "runs" / _cell_name(part, bits, agg, rounding, seed)),
             }
@@ -148,9 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--partitionings", nargs="+", default=["iid", "dirichlet"])
     parser.add_argument("--bits", nargs="+", type=int, default=[1, 2, 4, 8, 32])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--local-steps", type=int, default=25)
+    parser.add_argument("--local-steps", type=int, default=20)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default="outputs/bench")

@@ -96,7 +96,11 @@ class RunReport:
 
         rounds = [r["round"] for r in self.rows]
         fig, (ax_acc, ax_bytes) = plt.subplots(1, 2, figsize=(10, 4))
-        ax_acc.plot(rounds, [r["accuracy"] for r in self.rows], marker="o")
+        evaluated = [(0, self.initial.get("accuracy"))] + [(r["round"], r["accuracy"]) for r in self.rows]
+        evaluated = [(x, y) for x, y in evaluated if y is not None]
+        ax_acc.plot([x for x, _ in evaluated], [y for _, y in evaluated], marker="o")
+        ax_acc.xaxis.get_major_locator().set_params(integer=True)
+        ax_bytes.xaxis.get_major_locator().set_params(integer=True)
         ax_acc.set(xlabel="round", ylabel="test accuracy", title="Central test accuracy")
         ax_acc.grid(alpha=0.3)
         kib = 1024.0

@@ -39,7 +39,11 @@ def run(grid: Grid, cfg: RunConfig, strategy: QuantizedStrategy) -> RunReport:
     model = build_model(cfg.model, seed=cfg.seed)
     report = RunReport(cfg.out_dir, cfg.to_flower())
 
-    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        last = server_round == cfg.num_server_rounds
+        if server_round % cfg.eval_every and not last:
+            report.add_round({**strategy.round_metrics.get(server_round, {}), "round": server_round})
+            return None
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = evaluate(model, test)
         if server_round == 0:

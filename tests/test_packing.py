@@ -35,7 +35,8 @@ def _random_codes(size: int, bits: int, seed: int) -> np.ndarray:
 @pytest.mark.parametrize("bits", WIDTHS)
 @pytest.mark.parametrize("size", SIZES)
 def test_round_trip_random_and_all_max(bits: int, size: int) -> None:
-    for codes in (_random_codes(size, bits, seed=size * 8 + bits), np.full(size, 2**bits - 1, np.uint8)):
+    all_max = np.full(size, 2**bits - 1, np.uint8)
+    for codes in (_random_codes(size, bits, seed=size * 8 + bits), all_max):
         data = pack_codes(codes, bits=bits)
         assert isinstance(data, bytes)
         assert len(data) == packed_size(size, bits=bits) == -(-size * bits // 8)

@@ -54,11 +54,12 @@ def _laplace(n: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("bits", [0, 9, -1, True, 4.0, "4"])
 def test_invalid_bits_raise_naming_bits(bits: object) -> None:
     x = torch.randn(10)
+    codes = torch.zeros(3, dtype=torch.uint8)
     calls = [
         lambda: quantize(x, bits=bits, rounding=Rounding.NEAREST),  # type: ignore[arg-type]
         lambda: octav_clip(x, bits=bits),  # type: ignore[arg-type]
         lambda: clip_threshold(x, bits=bits, rule=ClipRule.MAX),  # type: ignore[arg-type]
-        lambda: dequantize(torch.zeros(3, dtype=torch.uint8), bits=bits, clip=1.0),  # type: ignore[arg-type]
+        lambda: dequantize(codes, bits=bits, clip=1.0),  # type: ignore[arg-type]
     ]
     for call in calls:
         with pytest.raises(ValueError, match="`bits`") as info:
@@ -78,9 +79,9 @@ def test_stochastic_requires_generator() -> None:
 
 
 @pytest.mark.parametrize("clip", [-1.0, math.nan, math.inf, True, "max"])
-def test_invalid_clip_raises_naming_clip(clip: object) -> None:
+def test_invalid_clip_raises_naming_clip(clip: float) -> None:
     with pytest.raises(ValueError, match="`clip`"):
-        quantize(torch.randn(4), bits=4, clip=clip, rounding=Rounding.NEAREST)  # type: ignore[arg-type]
+        quantize(torch.randn(4), bits=4, clip=clip, rounding=Rounding.NEAREST)
 
 
 def test_invalid_inputs_raise() -> None:
@@ -144,6 +145,17 @@ def test_grid_points_are_exact_stochastic(bits: int) -> None:
         assert torch.equal(q.codes, torch.arange(2**bits, dtype=torch.uint8).repeat(64))
 
 
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_dequantize_matches_formula(bits: int) -> None:
+    n, s = 2**bits - 1, 0.37
+    codes = torch.randint(0, n + 1, (3, 50), generator=_gen(bits), dtype=torch.uint8)
+    out = dequantize(codes, bits=bits, clip=s)
+    assert out.dtype == torch.float32 and out.shape == codes.shape
+    expected = s * (2.0 * codes.double() / n - 1.0)  # oracle: the formula in float64
+    assert torch.allclose(out.double(), expected, rtol=1e-7, atol=0.0)
+    assert torch.equal(dequantize(codes, bits=bits, clip=0.0), torch.zeros(3, 50))
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_nearest_picks_the_nearest_level(bits: int) -> None:
     s = 1.3
@@ -157,9 +169,11 @@ def test_nearest_picks_the_nearest_level(bits: int) -> None:
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 @pytest.mark.parametrize("rounding", list(Rounding))
 @pytest.mark.parametrize("clip", [ClipRule.MAX, 0.8])
-def test_error_bounds_inside_clip_range(bits: int, rounding: Rounding, clip: object) -> None:
+def test_error_bounds_inside_clip_range(
+    bits: int, rounding: Rounding, clip: ClipRule | float
+) -> None:
     x = torch.randn(50_000, generator=_gen(4))
-    q = quantize(x, bits=bits, clip=clip, rounding=rounding, generator=_gen(5))  # type: ignore[arg-type]
+    q = quantize(x, bits=bits, clip=clip, rounding=rounding, generator=_gen(5))
     s = q.clip
     step = 2.0 * s / (2**bits - 1)
     inside = x.abs() <= s
@@ -177,9 +191,9 @@ def test_error_bounds_inside_clip_range(bits: int, rounding: Rounding, clip: obj
 @pytest.mark.parametrize("bits", ALL_BITS)
 @pytest.mark.parametrize("rounding", list(Rounding))
 @pytest.mark.parametrize("clip", [ClipRule.MAX, ClipRule.OCTAV, 0.5, 100.0])
-def test_mse_field_equals_recomputed(bits: int, rounding: Rounding, clip: object) -> None:
+def test_mse_field_equals_recomputed(bits: int, rounding: Rounding, clip: ClipRule | float) -> None:
     x = torch.randn(4_099, generator=_gen(6)) * 3
-    q = quantize(x, bits=bits, clip=clip, rounding=rounding, generator=_gen(7))  # type: ignore[arg-type]
+    q = quantize(x, bits=bits, clip=clip, rounding=rounding, generator=_gen(7))
     assert q.codes.dtype == torch.uint8 and q.codes.shape == x.shape
     assert int(q.codes.max()) <= 2**bits - 1
     assert q.mse == pytest.approx(_mse64(x, q), rel=1e-4)
@@ -247,10 +261,11 @@ def test_codes_do_not_depend_on_thread_count() -> None:
     x = torch.randn(2_500_000, generator=_gen(12))
     threads = torch.get_num_threads()
     try:
+        kw = {"bits": 4, "clip": ClipRule.MAX, "rounding": Rounding.STOCHASTIC}
         torch.set_num_threads(1)
-        one = quantize(x, bits=4, clip=ClipRule.MAX, rounding=Rounding.STOCHASTIC, generator=_gen(3))
+        one = quantize(x, generator=_gen(3), **kw)  # type: ignore[arg-type]
         torch.set_num_threads(2)
-        two = quantize(x, bits=4, clip=ClipRule.MAX, rounding=Rounding.STOCHASTIC, generator=_gen(3))
+        two = quantize(x, generator=_gen(3), **kw)  # type: ignore[arg-type]
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one.codes, two.codes)
@@ -288,9 +303,9 @@ def test_constant_tensor_is_exact(clip: ClipRule, value: float) -> None:
 
 @pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 2, 2)])
 @pytest.mark.parametrize("clip", [ClipRule.MAX, ClipRule.OCTAV, 2.0])
-def test_empty_tensor(shape: tuple[int, ...], clip: object) -> None:
+def test_empty_tensor(shape: tuple[int, ...], clip: ClipRule | float) -> None:
     x = torch.zeros(shape)
-    q = quantize(x, bits=5, clip=clip, rounding=Rounding.STOCHASTIC, generator=_gen(0))  # type: ignore[arg-type]
+    q = quantize(x, bits=5, clip=clip, rounding=Rounding.STOCHASTIC, generator=_gen(0))
     assert q.codes.shape == x.shape and q.codes.dtype == torch.uint8
     assert q.mse == 0.0 and q.clip == (2.0 if clip == 2.0 else 0.0)
     assert dequantize(q.codes, bits=5, clip=q.clip).shape == x.shape

@@ -16,7 +16,7 @@ def test_quantized_fedavg_simulation_with_ray(tmp_path: Path) -> None:
     out = tmp_path / "out"
     cfg, status = run_simulation(
         [
-            "num-supernodes=8 fraction-train=0.5 num-server-rounds=3 bits=4",
+            "num-supernodes=8 fraction-train=0.5 num-server-rounds=3 bits=4 local-steps=40",
             f'out-dir="{out}"',
         ],
         stream=False,
