@@ -103,6 +103,8 @@ class QuantizedTensor:
     ``bits``: bit width B in 1..8. ``clip``: threshold s >= 0 (finite).
     ``mse``: ``mean((x - dequantize(codes))**2)`` over elements, 0.0 for empty tensors;
     the quantization error that error-weighted aggregation uses (PAPERS.md B).
+    Validated here: types, ``bits``, ``clip``, ``mse``; the code range is not re-scanned
+    (``dequantize`` and ``pack_codes`` check it).
     """
 
     codes: torch.Tensor

@@ -396,7 +396,7 @@ def test_clip_threshold_octav_matches_octav_clip() -> None:
 def test_octav_within_2_percent_of_grid_search(dist: str, bits: int) -> None:
     x = _gaussian(100_000, 18) if dist == "gaussian" else _laplace(100_000, 18)
     amax = float(x.abs().max())
-    grid = np.linspace(0.01, 1.0, 2000) * amax
+    grid = np.linspace(0.01, 1.0, 1000) * amax  # step ~0.001 max|x|: J is flat there
     best = min(quantize(x, bits=bits, clip=float(s), rounding=Rounding.NEAREST).mse for s in grid)
     s_oct = octav_clip(x, bits=bits)
     mse_oct = quantize(x, bits=bits, clip=s_oct, rounding=Rounding.NEAREST).mse

@@ -1,0 +1,371 @@
+"""Fake-quantized Linear and Conv2d layers that Opacus trains with exact per-sample gradients.
+
+DPQuant (Gao et al., arXiv 2509.03472, Sec. 3) runs a rotating subset of a model's layers in
+low precision during DP-SGD. Here a layer "runs in low precision" by fake quantization: its
+weight and its input activation are rounded to a low-precision grid in the forward pass and
+the matmul/convolution is done in float on the rounded values; the backward pass uses the
+straight-through estimator (STE, Bengio et al. 2013), i.e. the rounding is treated as the
+identity.
+
+Per-sample gradients (Opacus, hooks path). With the STE, a quantized layer computes
+``y = W_q x_q + b`` with ``x_q = q(x)`` and ``W_q = q(W)``, and
+``dL/dW = dL/dW_q = g^T x_q``: the ordinary per-sample formula evaluated on the *quantized*
+input. The grad samplers registered at the bottom of this module recompute ``x_q`` from the
+activation Opacus captured (the layer's unquantized input), with the format and scale the
+layer has at backward time. Two consequences:
+
+* The activation scale must not couple samples: ``ActScale.PER_SAMPLE`` takes each
+  sample's own max, ``ActScale.FIXED`` a constant. A per-batch max would make sample b's
+  gradient depend on the other samples and break DP-SGD's per-sample clipping.
+* Do not change a layer's ``quant_format`` between a forward pass and its backward pass
+  (switching between steps or epochs is fine: the attributes are read at every call).
+
+Without the registered samplers, Opacus would treat the subclasses as unknown layers and
+fall back to functorch (slower; it also deep-copies the layer when wrapping, so later
+changes of the format would not reach the per-sample gradients).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from opacus.grad_sample import register_grad_sampler
+from opacus.utils.tensor_utils import unfold2d
+from torch import nn
+
+__all__ = [
+    "DEFAULT_ACT_CLIP",
+    "ActScale",
+    "QConv2d",
+    "QLinear",
+    "QuantFormat",
+    "fake_quantize",
+    "quantizable_layers",
+    "quantize_values",
+    "quantized_indices",
+    "set_quantized",
+]
+
+
+class QuantFormat(enum.Enum):
+    """Low-precision number formats, each relative to a scale α > 0 (the largest magnitude).
+
+    INT8: symmetric uniform, Δ = α/127, q(x) = Δ · clamp(round(x/Δ), -127, 127).
+    INT4: symmetric uniform, Δ = α/7,   q(x) = Δ · clamp(round(x/Δ), -7, 7).
+        ``round`` is round-half-to-even; for |x| ≤ α the error is at most Δ/2, larger
+        magnitudes saturate at ±α.
+    FP4: radix-2 4-bit float as in LUQ (Chmiel et al., ICLR 2023, "Accurate Neural Training
+        with 4-bit Matrix Multiplications at Standard Formats", Sec. 3/4): 1 sign bit and
+        3 exponent bits, no mantissa, so the magnitudes are {0} ∪ {α · 2^-j, j = 0..6}
+        (eight codes per sign; code 0 is zero). Rounding is in the log domain:
+        |q(x)| = α · 2^clamp(round(log2(|x|/α)), -6, 0), i.e. to the power of two nearest
+        in log2 (the boundary between α2^-j-1 and α2^-j is their geometric mean).
+        Underflow: |x| < α · 2^-7 (half the smallest nonzero level, the linear-domain
+        midpoint between 0 and α2^-6) flushes to 0. LUQ's backward pass uses stochastic
+        underflow and stochastic rounding on *gradients*; here FP4 is applied
+        deterministically to weights and activations in the forward pass (DPQuant's
+        fake quantization), gradients stay in float.
+    """
+
+    INT8 = "int8"
+    INT4 = "int4"
+    FP4 = "fp4"
+
+
+class ActScale(enum.Enum):
+    """How a Q-layer chooses the scale α of its input activation (batch dimension first).
+
+    PER_SAMPLE: α_b = max |x_b| over sample b's own features (all non-batch dimensions).
+        Samples do not interact, so per-sample gradients stay exact (a per-batch max would
+        couple them).
+    FIXED: α = the layer's ``act_clip`` attribute, a constant (default ``DEFAULT_ACT_CLIP``
+        = 8.0, chosen for inputs normalized to unit scale, e.g. normalized MNIST pixels
+        lie in [-0.43, 2.8]); larger magnitudes saturate at ±α.
+    """
+
+    PER_SAMPLE = "per-sample"
+    FIXED = "fixed"
+
+
+DEFAULT_ACT_CLIP = 8.0
+
+_INT_LEVELS = {QuantFormat.INT8: 127, QuantFormat.INT4: 7}
+_FP4_MIN_EXP = -6  # smallest nonzero magnitude α · 2^-6
+
+
+def quantize_values(x: torch.Tensor, *, fmt: QuantFormat, scale: torch.Tensor) -> torch.Tensor:
+    """Round ``x`` onto the grid of ``fmt`` with scale α = ``scale`` (see ``QuantFormat``).
+
+    Pure function without straight-through gradient (its gradient is zero almost
+    everywhere). ``scale`` broadcasts against ``x``; where it is 0 the output is 0 (no NaN).
+    """
+    scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
+    positive = scale > 0
+    safe_scale = torch.where(positive, scale, torch.ones_like(scale))
+    if fmt in _INT_LEVELS:
+        levels = _INT_LEVELS[fmt]
+        step = safe_scale / levels
+        codes = torch.clamp(torch.round(x / step), -levels, levels)
+        out = codes * step
+    elif fmt is QuantFormat.FP4:
+        ratio = x.abs() / safe_scale
+        # log2 of 0 is -inf; those entries are flushed below anyway.
+        exponent = torch.clamp(
+            torch.round(torch.log2(ratio.clamp_min(torch.finfo(x.dtype).tiny))),
+            _FP4_MIN_EXP,
+            0,
+        )
+        magnitude = safe_scale * torch.exp2(exponent)
+        keep = ratio >= 2.0 ** (_FP4_MIN_EXP - 1)
+        out = torch.where(keep, torch.sign(x) * magnitude, torch.zeros_like(x))
+    else:
+        raise ValueError(f"`fmt` must be a QuantFormat. Found {fmt!r}.")
+    return torch.where(positive, out, torch.zeros_like(out))
+
+
+def fake_quantize(x: torch.Tensor, *, fmt: QuantFormat, scale: torch.Tensor) -> torch.Tensor:
+    """``quantize_values(x)`` in the forward pass, identity gradient (straight-through).
+
+    Written as ``q(x).detach() + (x - x.detach())``: the same gradient as the usual
+    ``x + (q(x) - x).detach()``, but the forward value equals q(x) bit for bit (x - x is
+    exactly 0), so it matches what the grad samplers recompute. Plain tensor ops, so it
+    also works under functorch's ``vmap``/``grad``.
+    """
+    q = quantize_values(x.detach(), fmt=fmt, scale=torch.as_tensor(scale).detach())
+    return q + (x - x.detach())
+
+
+def _weight_scale(weight: torch.Tensor) -> torch.Tensor:
+    """Per-tensor scale α = max |W| (recomputed each call: no buffer, no lazy state)."""
+    return weight.detach().abs().amax()
+
+
+def _activation_scale(x: torch.Tensor, act_scale: ActScale, act_clip: float) -> torch.Tensor:
+    """α for the input ``x`` (batch first), shaped to broadcast against ``x``."""
+    if act_scale is ActScale.PER_SAMPLE:
+        if x.dim() < 2:
+            raise ValueError(f"per-sample scaling needs a batch dimension; got shape {x.shape}")
+        return x.detach().abs().amax(dim=tuple(range(1, x.dim())), keepdim=True)  # (B, 1, ...)
+    if act_scale is ActScale.FIXED:
+        return torch.tensor(act_clip, dtype=x.dtype, device=x.device)
+    raise ValueError(f"`act_scale` must be an ActScale. Found {act_scale!r}.")
+
+
+def _check_quant_args(quant_format: QuantFormat | None, act_scale: ActScale, act_clip: float):
+    if quant_format is not None and not isinstance(quant_format, QuantFormat):
+        raise ValueError(f"`quant_format` must be a QuantFormat or None. Found {quant_format!r}.")
+    if not isinstance(act_scale, ActScale):
+        raise ValueError(f"`act_scale` must be an ActScale. Found {act_scale!r}.")
+    if not act_clip > 0:
+        raise ValueError(f"`act_clip` must be positive. Found {act_clip!r}.")
+
+
+class _QuantMixin:
+    """Shared state of QLinear and QConv2d: three plain attributes, read at every call."""
+
+    quant_format: QuantFormat | None
+    act_scale: ActScale
+    act_clip: float
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """q(x) without STE (assumes ``quant_format`` is set); used by the grad samplers."""
+        assert self.quant_format is not None
+        return quantize_values(
+            x, fmt=self.quant_format, scale=_activation_scale(x, self.act_scale, self.act_clip)
+        )
+
+    def _fake_quantize_input_and_weight(
+        self, x: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.quant_format is not None
+        x_q = fake_quantize(
+            x, fmt=self.quant_format, scale=_activation_scale(x, self.act_scale, self.act_clip)
+        )
+        w_q = fake_quantize(weight, fmt=self.quant_format, scale=_weight_scale(weight))
+        return x_q, w_q
+
+    def extra_repr(self) -> str:
+        fmt = None if self.quant_format is None else self.quant_format.value
+        extra = f", quant_format={fmt}, act_scale={self.act_scale.value}"
+        if self.act_scale is ActScale.FIXED:
+            extra += f", act_clip={self.act_clip}"
+        return super().extra_repr() + extra  # type: ignore[misc]
+
+
+class QLinear(_QuantMixin, nn.Linear):
+    """``nn.Linear`` whose weight (per-tensor scale) and input (``act_scale``) are
+    fake-quantized to ``quant_format``; with ``quant_format=None`` it is exactly nn.Linear.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        quant_format: QuantFormat | None = None,
+        act_scale: ActScale = ActScale.PER_SAMPLE,
+        act_clip: float = DEFAULT_ACT_CLIP,
+    ) -> None:
+        _check_quant_args(quant_format, act_scale, act_clip)
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.quant_format = quant_format
+        self.act_scale = act_scale
+        self.act_clip = act_clip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_format is None:
+            return F.linear(x, self.weight, self.bias)
+        x_q, w_q = self._fake_quantize_input_and_weight(x, self.weight)
+        return F.linear(x_q, w_q, self.bias)
+
+
+class QConv2d(_QuantMixin, nn.Conv2d):
+    """``nn.Conv2d`` whose weight (per-tensor scale) and input (``act_scale``) are
+    fake-quantized to ``quant_format``; with ``quant_format=None`` it is exactly nn.Conv2d.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        quant_format: QuantFormat | None = None,
+        act_scale: ActScale = ActScale.PER_SAMPLE,
+        act_clip: float = DEFAULT_ACT_CLIP,
+    ) -> None:
+        _check_quant_args(quant_format, act_scale, act_clip)
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+        )
+        self.quant_format = quant_format
+        self.act_scale = act_scale
+        self.act_clip = act_clip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_format is None:
+            return self._conv_forward(x, self.weight, self.bias)
+        x_q, w_q = self._fake_quantize_input_and_weight(x, self.weight)
+        return self._conv_forward(x_q, w_q, self.bias)
+
+
+def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """All QLinear/QConv2d layers of ``model`` with their names, in ``named_modules`` order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QLinear | QConv2d)]
+
+
+def set_quantized(model: nn.Module, indices: Iterable[int], fmt: QuantFormat | None) -> None:
+    """Give the quantizable layers at ``indices`` the format ``fmt``; all others get None.
+
+    Indices refer to ``quantizable_layers(model)``. Works on a model already wrapped by
+    Opacus (``GradSampleModule`` wraps in place, so the original model may be passed too).
+    """
+    if fmt is not None and not isinstance(fmt, QuantFormat):
+        raise ValueError(f"`fmt` must be a QuantFormat or None. Found {fmt!r}.")
+    layers = quantizable_layers(model)
+    chosen = set()
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int | np.integer):
+            raise ValueError(f"`indices` must hold integers. Found {i!r}.")
+        if not 0 <= i < len(layers):
+            raise ValueError(f"`indices` must lie in [0, {len(layers)}). Found {i}.")
+        chosen.add(int(i))
+    for i, (_, layer) in enumerate(layers):
+        layer.quant_format = fmt if i in chosen else None
+
+
+def quantized_indices(model: nn.Module) -> list[int]:
+    """Indices (into ``quantizable_layers``) of the layers whose ``quant_format`` is set."""
+    return [i for i, (_, m) in enumerate(quantizable_layers(model)) if m.quant_format is not None]
+
+
+# --- Opacus grad samplers (hooks path) ------------------------------------------------------
+# Same formulas as opacus/grad_sample/linear.py and conv.py, evaluated on q(x) when the layer
+# is quantized. Opacus's conv sampler only unfolds when ``type(layer) is nn.Conv2d``, hence
+# the copy for QConv2d.
+
+
+@register_grad_sampler(QLinear)
+def compute_qlinear_grad_sample(
+    layer: QLinear, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of a QLinear: ``g_b ⊗ q(x_b)`` for W, ``Σ g_b`` for b."""
+    x = activations[0].to(backprops.dtype)
+    if layer.quant_format is not None and x.shape[0] > 0:
+        x = layer.quantized_input(x)
+    ret: dict[nn.Parameter, torch.Tensor] = {}
+    if layer.weight.requires_grad:
+        ret[layer.weight] = torch.einsum("n...i,n...j->nij", backprops, x)  # (B, out, in)
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = torch.einsum("n...k->nk", backprops)  # (B, out)
+    return ret
+
+
+@register_grad_sampler(QConv2d)
+def compute_qconv2d_grad_sample(
+    layer: QConv2d, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of a QConv2d via unfold (im2col) on q(x), as Opacus does."""
+    x = activations[0].to(backprops.dtype)
+    n = x.shape[0]
+    ret: dict[nn.Parameter, torch.Tensor] = {}
+    if n == 0:  # empty batch (Poisson sampling): zero gradients, like Opacus
+        if layer.weight.requires_grad:
+            ret[layer.weight] = torch.zeros_like(layer.weight).unsqueeze(0)
+        if layer.bias is not None and layer.bias.requires_grad:
+            ret[layer.bias] = torch.zeros_like(layer.bias).unsqueeze(0)
+        return ret
+    if layer.quant_format is not None:
+        x = layer.quantized_input(x)
+    padding = layer.padding
+    if layer.padding_mode != "zeros":  # mirror nn.Conv2d._conv_forward
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+        padding = (0, 0)
+    cols = unfold2d(
+        x,
+        kernel_size=layer.kernel_size,
+        padding=padding,
+        stride=layer.stride,
+        dilation=layer.dilation,
+    )  # (B, C_in * kH * kW, L)
+    backprops = backprops.reshape(n, -1, cols.shape[-1])  # (B, C_out, L)
+    if layer.weight.requires_grad:
+        grad_sample = torch.einsum("noq,npq->nop", backprops, cols)  # (B, C_out, C_in*kH*kW)
+        grad_sample = grad_sample.view(
+            n,
+            layer.groups,
+            -1,
+            layer.groups,
+            layer.in_channels // layer.groups,
+            int(np.prod(layer.kernel_size)),
+        )
+        grad_sample = torch.einsum("ngrg...->ngr...", grad_sample).contiguous()
+        ret[layer.weight] = grad_sample.view(n, *layer.weight.shape)
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = backprops.sum(dim=2)  # (B, C_out)
+    return ret

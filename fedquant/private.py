@@ -1,0 +1,264 @@
+"""One client's local round: DP-SGD (Opacus) with DPQuant's rotating quantized layers.
+
+Paper A (Gao et al., "DPQuant", arXiv 2509.03472): each local epoch only k = round(ratio·n)
+of the n quantizable layers run in low precision, sampled without replacement from
+softmax(-β L), where L is the EMA of a DP estimate of each layer's loss sensitivity.
+
+Privacy: training steps are Sampled Gaussian Mechanism applications (Poisson rate
+q = B/|D|, noise σ, per-sample clip C; Abadi et al. 2016); every sensitivity estimate is
+one more SGM application (q_a, σ_a, clip C_a). Both go into the client's one
+:class:`~fedquant.accounting.PrivacyLedger`, which the caller persists across rounds,
+so ε is cumulative. σ is calibrated once, before the first round, for every round the
+run plans (:func:`calibrate_client_noise`) and never re-derived.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedquant.accounting import MechanismStep, PrivacyLedger, calibrate_noise
+from fedquant.data import Split
+from fedquant.dpquant import (
+    LayerScheduler,
+    QuantPolicy,
+    estimate_sensitivity,
+    layer_flops,
+    theoretical_speedup,
+)
+from fedquant.fakequant import QuantFormat, quantizable_layers, set_quantized
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """Sample-level DP for one client over the whole run."""
+
+    target_epsilon: float
+    target_delta: float
+    max_grad_norm: float
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """DPQuant's knobs (paper A leaves β, α, C_a, σ_a, q_a and P open)."""
+
+    policy: QuantPolicy
+    ratio: float
+    fmt: QuantFormat
+    beta: float
+    alpha: float
+    estimator_clip: float
+    estimator_noise: float
+    estimator_rate: float
+    period: int
+    low_precision_speedup: float
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """How much local work one round does (the same every round)."""
+
+    sample_rate: float  # q = B / |D|: Poisson sampling of each batch
+    epochs: int
+    steps_per_epoch: int  # expected batches per epoch, ceil(|D| / B)
+    max_steps: int  # 0: no cap
+
+    @property
+    def steps(self) -> int:
+        """DP-SGD steps per round: what the accountant is charged for."""
+        full = self.epochs * self.steps_per_epoch
+        return min(full, self.max_steps) if self.max_steps else full
+
+
+def round_plan(num_examples: int, *, batch_size: int, epochs: int, max_steps: int) -> RoundPlan:
+    if num_examples < 1:
+        raise ValueError(f"a client needs at least one example, got {num_examples}")
+    q = min(1.0, batch_size / num_examples)
+    return RoundPlan(q, epochs, math.ceil(1 / q), max_steps)
+
+
+def estimator_calls(*, epochs_before: int, epochs: int, period: int) -> int:
+    """Estimates run at the start of every epoch e with e % P == 0."""
+    return sum(1 for e in range(epochs_before, epochs_before + epochs) if e % period == 0)
+
+
+def epochs_per_round(plan: RoundPlan) -> int:
+    """Epochs actually started per round (a step cap may end the round early)."""
+    return min(plan.epochs, math.ceil(plan.steps / plan.steps_per_epoch))
+
+
+def planned_mechanisms(
+    plan: RoundPlan, *, rounds: int, noise: float, quant: QuantSettings | None, epochs_before: int = 0
+) -> list[MechanismStep]:
+    """Every SGM application of ``rounds`` rounds: training steps and estimator queries."""
+    steps = [MechanismStep(noise, plan.sample_rate, plan.steps * rounds)] if rounds else []
+    if quant is not None and quant.policy is QuantPolicy.DPQUANT and rounds:
+        calls = estimator_calls(
+            epochs_before=epochs_before, epochs=epochs_per_round(plan) * rounds, period=quant.period
+        )
+        if calls:
+            steps.append(MechanismStep(quant.estimator_noise, quant.estimator_rate, calls))
+    return steps
+
+
+def calibrate_client_noise(
+    plan: RoundPlan, *, rounds: int, dp: DPSettings, quant: QuantSettings | None
+) -> float:
+    """σ such that all planned rounds (and estimator queries) meet (ε, δ).
+
+    Raises ValueError (from ``calibrate_noise``) when no allowed σ can meet it.
+    """
+    extra = [m for m in planned_mechanisms(plan, rounds=rounds, noise=1.0, quant=quant)[1:]]
+    return calibrate_noise(
+        target_epsilon=dp.target_epsilon,
+        delta=dp.target_delta,
+        sample_rate=plan.sample_rate,
+        steps=plan.steps * rounds,
+        extra=extra,
+    )
+
+
+@dataclass
+class RoundStats:
+    loss: float
+    steps: int
+    epochs: int
+    quantized_epochs: list[int] = field(default_factory=list)  # per layer: epochs quantized
+    speedup: float = 1.0
+
+
+def _per_example_losses(model: nn.Module, fmt: QuantFormat):
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+
+    @torch.no_grad()
+    def losses(layer: int | None, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        set_quantized(model, [] if layer is None else [layer], fmt)
+        return loss_fn(model(x), y)
+
+    return losses
+
+
+def train_round(
+    model: nn.Module,
+    data: Split,
+    *,
+    plan: RoundPlan,
+    lr: float,
+    momentum: float,
+    batch_size: int,
+    generator: torch.Generator,
+    scheduler: LayerScheduler | None,
+    quant: QuantSettings | None,
+    noise_multiplier: float | None,
+    max_grad_norm: float,
+    ledger: PrivacyLedger | None,
+) -> RoundStats:
+    """Local epochs of (DP-)SGD, quantizing the scheduler's layers each epoch.
+
+    With ``noise_multiplier`` set, the model trains with Opacus (Poisson sampling,
+    per-sample clipping to ``max_grad_norm``, Gaussian noise) and every mechanism
+    application — training steps and sensitivity estimates — is recorded in ``ledger``.
+    Without it, plain SGD; estimates then use no noise and nothing is charged.
+    """
+    private = noise_multiplier is not None
+    layers = [m for _, m in quantizable_layers(model)]
+    n_layers = len(layers)
+    loader = DataLoader(
+        TensorDataset(data.images, data.labels),
+        batch_size=batch_size,
+        shuffle=not private,  # Opacus replaces it with Poisson sampling
+        generator=generator,
+    )
+    optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    trained: nn.Module = model
+    engine = None
+    if private:
+        engine = PrivacyEngine(accountant="rdp")
+        trained, optimizer, loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=generator,
+        )
+
+    flops = layer_flops(model, layers, data.images[:1])
+    loss_fn = nn.CrossEntropyLoss()
+    stats = RoundStats(loss=0.0, steps=0, epochs=0, quantized_epochs=[0] * n_layers)
+    speedups: list[float] = []
+    total_loss, seen = 0.0, 0
+    for _ in range(plan.epochs):
+        if plan.max_steps and stats.steps >= plan.max_steps:
+            break
+        analysis = 0.0
+        chosen: list[int] = []
+        if scheduler is not None and quant is not None:
+            if quant.policy is QuantPolicy.DPQUANT and scheduler.epochs_done % quant.period == 0:
+                model.eval()
+                estimate = estimate_sensitivity(
+                    _per_example_losses(model, quant.fmt),
+                    data.images,
+                    data.labels,
+                    n_layers=n_layers,
+                    sample_rate=quant.estimator_rate,
+                    clip=quant.estimator_clip,
+                    noise_multiplier=quant.estimator_noise if private else 0.0,
+                    generator=generator,
+                )
+                scheduler.update_sensitivity(estimate)
+                if private and ledger is not None:
+                    ledger.record(
+                        noise_multiplier=quant.estimator_noise,
+                        sample_rate=quant.estimator_rate,
+                        steps=1,
+                    )
+                # n+1 forward passes over the expected subsample.
+                analysis = (n_layers + 1) * sum(flops) * quant.estimator_rate * len(data)
+            chosen = scheduler.next_epoch()
+            set_quantized(model, chosen, quant.fmt)
+        for i in chosen:
+            stats.quantized_epochs[i] += 1
+        model.train()
+        epoch_samples = 0
+        for images, labels in loader:
+            if plan.max_steps and stats.steps >= plan.max_steps:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            if len(labels) == 0:  # an empty Poisson batch: noise-only step
+                optimizer.step()
+                stats.steps += 1
+                continue
+            loss = loss_fn(trained(images), labels)
+            loss.backward()
+            optimizer.step()
+            stats.steps += 1
+            total_loss += loss.item() * len(labels)
+            seen += len(labels)
+            epoch_samples += len(labels)
+        stats.epochs += 1
+        # Training costs ~3 forward passes (forward, two backward matmuls) per sample.
+        speedups.append(
+            theoretical_speedup(
+                [3 * f * epoch_samples for f in flops],
+                chosen,
+                low_precision_speedup=quant.low_precision_speedup if quant else 4.0,
+                analysis_flops=analysis,
+            )
+        )
+    set_quantized(model, [], None)
+    if private and engine is not None and ledger is not None:
+        for noise, rate, steps in engine.accountant.history:
+            ledger.record(noise_multiplier=noise, sample_rate=rate, steps=steps)
+    if private and hasattr(trained, "_close"):
+        trained._close()  # remove Opacus hooks; the model object is reused for the reply
+    stats.loss = total_loss / max(seen, 1)
+    stats.speedup = float(np.mean(speedups)) if speedups else 1.0
+    return stats
