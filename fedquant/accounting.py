@@ -40,7 +40,7 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 __all__ = ["MechanismStep", "PrivacyLedger", "calibrate_noise"]
 
-ORDERS: tuple[float, ...] = tuple(float(a) for a in RDPAccountant.DEFAULT_ALPHAS)
+ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)
 """RDP orders α at which ε is optimised: Opacus' RDPAccountant.DEFAULT_ALPHAS."""
 
 _KEYS = ("noise", "rate", "steps")
@@ -184,7 +184,7 @@ class PrivacyLedger:
         return _epsilon([*self._history, *extra], delta)
 
     def to_dict(self) -> dict[str, list[float] | list[int]]:
-        """``{"noise": [σ...], "rate": [q...], "steps": [n...]}``: plain lists for a ConfigRecord."""
+        """``{"noise": [σ...], "rate": [q...], "steps": [n...]}``: lists for a ConfigRecord."""
         return {
             "noise": [e.noise_multiplier for e in self._history],
             "rate": [e.sample_rate for e in self._history],
@@ -204,7 +204,8 @@ class PrivacyLedger:
         keys = set(d.keys())
         if keys != set(_KEYS):
             raise ValueError(
-                f"a privacy ledger needs exactly the keys {list(_KEYS)}. Found `{sorted(map(repr, keys))}`."
+                f"a privacy ledger needs exactly the keys {list(_KEYS)}. "
+                f"Found `{sorted(map(repr, keys))}`."
             )
         columns = []
         for key in _KEYS:

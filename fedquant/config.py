@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedquant.data import Partitioning
+from fedquant import dpquant
+from fedquant.dpquant import QuantPolicy
+from fedquant.fakequant import ActScale, QuantFormat
 from fedquant.models import ModelName
 from fedquant.quantize import ClipRule, Rounding
 
@@ -73,6 +76,23 @@ class RunConfig:
     out_dir: str = "outputs"
     round_timeout: float = 600.0
     eval_every: int = 1
+    # Sample-level DP-SGD (Opacus): (ε, δ) for each client over the whole run.
+    dp: bool = True
+    target_epsilon: float = 8.0
+    target_delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    # DPQuant (paper A): which layers train in low precision, and its open knobs.
+    quant_policy: QuantPolicy = QuantPolicy.DPQUANT
+    quant_train_ratio: float = 0.5
+    quant_format: QuantFormat = QuantFormat.FP4
+    act_scale: ActScale = ActScale.PER_SAMPLE
+    dpquant_beta: float = dpquant.DEFAULT_BETA
+    dpquant_alpha: float = dpquant.DEFAULT_ALPHA
+    dpquant_clip: float = dpquant.DEFAULT_ESTIMATOR_CLIP
+    dpquant_noise: float = dpquant.DEFAULT_ESTIMATOR_NOISE
+    dpquant_sample_rate: float = dpquant.DEFAULT_ESTIMATOR_RATE
+    dpquant_period: int = dpquant.DEFAULT_PERIOD
+    low_precision_speedup: float = 4.0
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -82,6 +102,19 @@ class RunConfig:
         _positive_int(self, "local_epochs")
         _positive_int(self, "batch_size")
         _positive_int(self, "eval_every")
+        _positive_int(self, "dpquant_period")
+        for name in ("target_epsilon", "max_grad_norm", "dpquant_beta", "dpquant_clip",
+                     "dpquant_noise", "low_precision_speedup"):
+            if not getattr(self, name) > 0.0:
+                raise ConfigError(_key(name), getattr(self, name), "must be > 0")
+        if not 0.0 < self.target_delta < 1.0:
+            raise ConfigError("target-delta", self.target_delta, "must be in (0, 1)")
+        for name in ("quant_train_ratio",):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(_key(name), getattr(self, name), "must be in [0, 1]")
+        for name in ("dpquant_alpha", "dpquant_sample_rate"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ConfigError(_key(name), getattr(self, name), "must be in (0, 1]")
         if self.local_steps < 0:
             raise ConfigError("local-steps", self.local_steps, "must be >= 0 (0: full epochs)")
         if not 0.0 < self.fraction_train <= 1.0:
@@ -143,6 +176,9 @@ def _positive_int(config: RunConfig, name: str) -> None:
 
 
 _ENUMS = {
+    "QuantPolicy": QuantPolicy,
+    "QuantFormat": QuantFormat,
+    "ActScale": ActScale,
     "ModelName": ModelName,
     "ClipRule": ClipRule,
     "Rounding": Rounding,
@@ -160,6 +196,10 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
         if not isinstance(value, str) or value not in choices:
             raise ConfigError(key, value, f"must be one of {choices}")
         return enum_cls(value)
+    if type_name == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(key, value, "must be true or false")
+        return value
     if type_name == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(key, value, "must be an integer")

@@ -155,7 +155,9 @@ def _activation_scale(x: torch.Tensor, act_scale: ActScale, act_clip: float) -> 
     raise ValueError(f"`act_scale` must be an ActScale. Found {act_scale!r}.")
 
 
-def _check_quant_args(quant_format: QuantFormat | None, act_scale: ActScale, act_clip: float):
+def _check_quant_args(
+    quant_format: QuantFormat | None, act_scale: ActScale, act_clip: float
+) -> None:
     if quant_format is not None and not isinstance(quant_format, QuantFormat):
         raise ValueError(f"`quant_format` must be a QuantFormat or None. Found {quant_format!r}.")
     if not isinstance(act_scale, ActScale):
@@ -172,8 +174,9 @@ class _QuantMixin:
     act_clip: float
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        """q(x) without STE (assumes ``quant_format`` is set); used by the grad samplers."""
-        assert self.quant_format is not None
+        """q(x) without STE, with the layer's current format and scale (grad samplers)."""
+        if self.quant_format is None:
+            raise RuntimeError("quantized_input needs quant_format to be set")
         return quantize_values(
             x, fmt=self.quant_format, scale=_activation_scale(x, self.act_scale, self.act_clip)
         )

@@ -29,6 +29,7 @@ from fedquant.dpquant import (
     LayerScheduler,
     QuantPolicy,
     estimate_sensitivity,
+    estimator_flops,
     layer_flops,
     theoretical_speedup,
 )
@@ -64,9 +65,9 @@ class QuantSettings:
 class RoundPlan:
     """How much local work one round does (the same every round)."""
 
-    sample_rate: float  # q = B / |D|: Poisson sampling of each batch
+    sample_rate: float  # q ≈ B / |D|, exactly as Opacus charges it (see round_plan)
     epochs: int
-    steps_per_epoch: int  # expected batches per epoch, ceil(|D| / B)
+    steps_per_epoch: int  # Poisson batches per epoch, 1 / q
     max_steps: int  # 0: no cap
 
     @property
@@ -77,10 +78,19 @@ class RoundPlan:
 
 
 def round_plan(num_examples: int, *, batch_size: int, epochs: int, max_steps: int) -> RoundPlan:
+    """The local work of one round, with the sampling rate Opacus will charge.
+
+    Opacus derives Poisson sampling from the DataLoader: q0 = 1 / ceil(|D| / B), then
+    ``steps = int(1 / q0)`` batches per epoch, and charges the accountant
+    q = 1 / steps — which float truncation can make slightly larger than B / |D|
+    (1/390 for |D| = 12500, B = 32). Planning with the same q keeps the calibration
+    and the budget check exact.
+    """
     if num_examples < 1:
         raise ValueError(f"a client needs at least one example, got {num_examples}")
-    q = min(1.0, batch_size / num_examples)
-    return RoundPlan(q, epochs, math.ceil(1 / q), max_steps)
+    loader_batches = math.ceil(num_examples / batch_size)
+    steps_per_epoch = max(1, int(1 / (1 / loader_batches)))
+    return RoundPlan(1 / steps_per_epoch, epochs, steps_per_epoch, max_steps)
 
 
 def estimator_calls(*, epochs_before: int, epochs: int, period: int) -> int:
@@ -220,8 +230,9 @@ def train_round(
                         sample_rate=quant.estimator_rate,
                         steps=1,
                     )
-                # n+1 forward passes over the expected subsample.
-                analysis = (n_layers + 1) * sum(flops) * quant.estimator_rate * len(data)
+                analysis = estimator_flops(
+                    flops, n_examples=len(data), sample_rate=quant.estimator_rate
+                )
             chosen = scheduler.next_epoch()
             set_quantized(model, chosen, quant.fmt)
         for i in chosen:
@@ -244,6 +255,8 @@ def train_round(
             seen += len(labels)
             epoch_samples += len(labels)
         stats.epochs += 1
+        if epoch_samples == 0:
+            continue  # every Poisson batch was empty: no training work to speed up
         # Training costs ~3 forward passes (forward, two backward matmuls) per sample.
         speedups.append(
             theoretical_speedup(

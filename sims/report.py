@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import tempfile
@@ -19,6 +18,10 @@ COLUMNS = (
     "accepted",
     "rejected",
     "failed",
+    "budget-exhausted",
+    "epsilon-max",
+    "speedup",
+    "quantized-layer-fraction",
     "uplink-bytes",
     "uplink-float32-bytes",
     "compression",
@@ -70,6 +73,10 @@ class RunReport:
             "total-uplink-float32-bytes": ref,
             "compression-ratio": (ref / up) if up else None,
             "uplink-fraction-of-float32": (up / ref) if ref else None,
+            "max-epsilon": max((r["epsilon-max"] or 0.0 for r in self.rows), default=0.0),
+            "mean-speedup": (
+                sum(r["speedup"] or 1.0 for r in self.rows) / len(self.rows) if self.rows else None
+            ),
             "rejected-replies": sum(r["rejected"] or 0 for r in self.rows),
             "failed-replies": sum(r["failed"] or 0 for r in self.rows),
         }
@@ -84,7 +91,7 @@ class RunReport:
         _atomic_write(self.out_dir / "results.json", json.dumps(payload, indent=2))
         lines = [",".join(COLUMNS)]
         for row in self.rows:
-            lines.append(",".join("" if row[c] is None else repr(row[c]) for c in COLUMNS))
+            lines.append(",".join(_csv_cell(row[c]) for c in COLUMNS))
         _atomic_write(self.out_dir / "rounds.csv", "\n".join(lines) + "\n")
 
     def plot(self) -> Path:
@@ -127,6 +134,9 @@ class RunReport:
         return path
 
 
-def read_csv(path: str | Path) -> list[dict[str, str]]:
-    with Path(path).open(newline="") as f:
-        return list(csv.DictReader(f))
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):  # per-layer values: one cell, ';'-separated
+        return ";".join(f"{v:.4g}" for v in value)
+    return repr(value)

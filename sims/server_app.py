@@ -52,18 +52,24 @@ def run(grid: Grid, cfg: RunConfig, strategy: QuantizedStrategy) -> RunReport:
         else:
             train = dict(strategy.round_metrics.get(server_round, {}))
             row = report.add_round({**train, "round": server_round, "accuracy": accuracy, "loss": loss})
+            layers = row["quantized-layer-fraction"] or []
             _progress(
                 "round %2d: accuracy %.4f | uplink %s B vs float32 %s B (x%.1f smaller)"
-                " | mse mean %.2e | accepted %d, rejected %d, failed %d",
+                " | mse mean %.2e | epsilon max %.3f | quantized layers %s | speedup x%.2f"
+                " | accepted %d, rejected %d, failed %d, budget-exhausted %d",
                 server_round,
                 accuracy,
                 f"{row['uplink-bytes'] or 0:,}",
                 f"{row['uplink-float32-bytes'] or 0:,}",
                 row["compression"] or 0.0,
                 row["mse-mean"] or 0.0,
+                row["epsilon-max"] or 0.0,
+                "[" + " ".join(f"{f:.2f}" for f in layers) + "]",
+                row["speedup"] or 1.0,
                 row["accepted"] or 0,
                 row["rejected"] or 0,
                 row["failed"] or 0,
+                row["budget-exhausted"] or 0,
             )
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
@@ -78,9 +84,12 @@ def run(grid: Grid, cfg: RunConfig, strategy: QuantizedStrategy) -> RunReport:
     plot = report.plot()
     s = report.summary()
     _progress(
-        "summary: final accuracy %.4f | total uplink %s B vs float32 %s B | compression x%.2f"
-        " (%.4f of float32) | rejected %d, failed %d | results in %s (plot %s)",
+        "summary: final accuracy %.4f | max epsilon %.3f | mean speedup x%.2f | total uplink %s B"
+        " vs float32 %s B | compression x%.2f (%.4f of float32) | rejected %d, failed %d"
+        " | results in %s (plot %s)",
         s["final-accuracy"] or 0.0,
+        s["max-epsilon"],
+        s["mean-speedup"] or 1.0,
         f"{s['total-uplink-bytes']:,}",
         f"{s['total-uplink-float32-bytes']:,}",
         s["compression-ratio"] or 0.0,

@@ -13,6 +13,8 @@ weights (w_global + Δ̂ for updates, ŵ for weights). Then either
 
 A rejected reply is logged with its reason and counted in the round's metrics; the
 round goes on with the valid replies and never changes the model because of a bad one.
+A client that stopped to stay within its privacy budget replies with a
+``budget-exhausted`` status: it is counted as such, not as a failure.
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ class ClientReply:
     num_examples: int
     train_loss: float
     uplink_bytes: int
+    epsilon: float | None
+    speedup: float
+    local_epochs: int
+    quantized_epochs: tuple[int, ...]
 
 
 class QuantizedStrategy(Strategy):
@@ -91,6 +97,7 @@ class QuantizedStrategy(Strategy):
         self.payload = payload
         self.max_clip = max_clip
         self.round_metrics: dict[int, MetricRecord] = {}
+        self.epsilon_by_node: dict[int, float] = {}
         self._global: ArrayRecord | None = None
 
     def summary(self) -> None:
@@ -123,7 +130,7 @@ class QuantizedStrategy(Strategy):
             raise RuntimeError("aggregate_train called before configure_train")
         global_arrays = {k: v.numpy() for k, v in self._global.items()}
         accepted: list[ClientReply] = []
-        failed = rejected = 0
+        failed = rejected = exhausted = 0
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -131,12 +138,25 @@ class QuantizedStrategy(Strategy):
                 log(WARNING, "Round %d: node %d failed: %s", server_round, node, msg.error.reason)
                 continue
             try:
-                accepted.append(self.validate_reply(msg, server_round, global_arrays))
+                if _is_budget_exhausted(msg):
+                    epsilon = self.validate_exhausted(msg, server_round)
+                    exhausted += 1
+                    self.epsilon_by_node[node] = epsilon
+                    log(INFO, "Round %d: node %d has spent its privacy budget (epsilon %.3f)",
+                        server_round, node, epsilon)
+                    continue
+                reply = self.validate_reply(msg, server_round, global_arrays)
             except PayloadError as err:
                 rejected += 1
                 log(WARNING, "Round %d: rejected reply from node %d: %s", server_round, node, err)
+                continue
+            accepted.append(reply)
+            if reply.epsilon is not None:
+                self.epsilon_by_node[node] = reply.epsilon
 
-        metrics = self._round_metrics(accepted, failed=failed, rejected=rejected)
+        metrics = self._round_metrics(
+            accepted, failed=failed, rejected=rejected, exhausted=exhausted
+        )
         self.round_metrics[server_round] = metrics
         if not accepted:
             log(WARNING, "Round %d: no valid replies; the global model is unchanged", server_round)
@@ -180,6 +200,23 @@ class QuantizedStrategy(Strategy):
                 tensor=None, field="server-round", reason=f"reply is for round {reply_round}, not {server_round}"
             )
         train_loss = _metric(metrics, "train-loss", float)
+        epsilon = _metric(metrics, "epsilon", float) if "epsilon" in metrics else None
+        if epsilon is not None and epsilon < 0:
+            raise PayloadError(tensor=None, field="epsilon", reason=f"must be >= 0, got {epsilon}")
+        speedup = _metric(metrics, "speedup", float) if "speedup" in metrics else 1.0
+        if not speedup > 0:
+            raise PayloadError(tensor=None, field="speedup", reason=f"must be > 0, got {speedup}")
+        local_epochs = _metric(metrics, "local-epochs", int) if "local-epochs" in metrics else 0
+        quantized = metrics.get("quantized-epochs", [])
+        if not (
+            isinstance(quantized, list)
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= local_epochs
+                    for v in quantized)
+        ):
+            raise PayloadError(
+                tensor=None, field="quantized-epochs",
+                reason=f"must be a list of ints in 0..local-epochs, got {quantized!r}",
+            )
         decoded = decode_update(
             content,
             expected={k: tuple(v.shape) for k, v in global_arrays.items()},
@@ -192,7 +229,26 @@ class QuantizedStrategy(Strategy):
             num_examples=num_examples,
             train_loss=train_loss,
             uplink_bytes=serialized_size(content),
+            epsilon=epsilon,
+            speedup=speedup,
+            local_epochs=local_epochs,
+            quantized_epochs=tuple(quantized),
         )
+
+    def validate_exhausted(self, msg: Message, server_round: int) -> float:
+        """Check a budget-exhausted status reply; return the client's epsilon."""
+        metrics = msg.content[METRICS_KEY]
+        if not isinstance(metrics, MetricRecord):
+            raise PayloadError(tensor=None, field=METRICS_KEY, reason="not a MetricRecord")
+        reply_round = _metric(metrics, "server-round", int)
+        if reply_round != server_round:
+            raise PayloadError(
+                tensor=None, field="server-round", reason=f"reply is for round {reply_round}, not {server_round}"
+            )
+        epsilon = _metric(metrics, "epsilon", float)
+        if epsilon < 0:
+            raise PayloadError(tensor=None, field="epsilon", reason=f"must be >= 0, got {epsilon}")
+        return float(epsilon)
 
     def _reconstruct(
         self, decoded: Mapping[str, DecodedTensor], global_arrays: Mapping[str, np.ndarray]
@@ -201,18 +257,37 @@ class QuantizedStrategy(Strategy):
             return {k: global_arrays[k] + t.values for k, t in decoded.items()}
         return {k: t.values for k, t in decoded.items()}
 
+    @property
+    def max_epsilon(self) -> float:
+        """The largest epsilon any client has reported so far (0 without DP)."""
+        return max(self.epsilon_by_node.values(), default=0.0)
+
     def _round_metrics(
-        self, accepted: list[ClientReply], *, failed: int, rejected: int
+        self, accepted: list[ClientReply], *, failed: int, rejected: int, exhausted: int
     ) -> MetricRecord:
         assert self._global is not None
         float32_bytes = serialized_size(RecordDict({ARRAYS_KEY: self._global}))
         mses = [m for r in accepted for m in r.mse.values()]
         examples = sum(r.num_examples for r in accepted)
+        epsilons = [r.epsilon for r in accepted if r.epsilon is not None]
+        # Fraction of local epochs each layer ran quantized, over this round's clients.
+        widths = {len(r.quantized_epochs) for r in accepted}
+        layer_fraction: list[float] = []
+        if len(widths) == 1 and (width := widths.pop()) > 0:
+            epochs = sum(r.local_epochs for r in accepted)
+            layer_fraction = [
+                sum(r.quantized_epochs[i] for r in accepted) / max(epochs, 1) for i in range(width)
+            ]
         return MetricRecord(
             {
                 "accepted": len(accepted),
                 "rejected": rejected,
                 "failed": failed,
+                "budget-exhausted": exhausted,
+                "epsilon-max": max(epsilons, default=0.0),
+                "epsilon-max-run": self.max_epsilon,
+                "speedup": float(np.mean([r.speedup for r in accepted])) if accepted else 1.0,
+                "quantized-layer-fraction": layer_fraction,
                 "num-examples": examples,
                 "train-loss": (
                     sum(r.train_loss * r.num_examples for r in accepted) / examples
@@ -225,6 +300,15 @@ class QuantizedStrategy(Strategy):
                 "mse-max": float(np.max(mses)) if mses else 0.0,
             }
         )
+
+
+def _is_budget_exhausted(msg: Message) -> bool:
+    metrics = msg.content.get(METRICS_KEY)
+    return (
+        set(msg.content.keys()) == {METRICS_KEY}
+        and isinstance(metrics, MetricRecord)
+        and metrics.get("budget-exhausted") == 1
+    )
 
 
 def _metric(metrics: MetricRecord, key: str, kind: type) -> int | float:

@@ -229,7 +229,9 @@ _keys = st.one_of(st.sampled_from(["noise", "rate", "steps"]), st.text(max_size=
             {
                 "noise": st.lists(st.floats(min_value=-1, max_value=10), min_size=2, max_size=2),
                 "rate": st.lists(st.floats(min_value=-0.5, max_value=1.5), min_size=2, max_size=2),
-                "steps": st.lists(st.integers(min_value=-2, max_value=10**6), min_size=2, max_size=2),
+                "steps": st.lists(
+                    st.integers(min_value=-2, max_value=10**6), min_size=2, max_size=2
+                ),
             }
         ),
     )

@@ -37,6 +37,15 @@ FORMATS_OR_NONE = [None, *FORMATS]
 INT_LEVELS = {QuantFormat.INT8: 127, QuantFormat.INT4: 7}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny tensors: a second intra-op thread only adds spin-wait on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -198,7 +207,8 @@ def test_per_sample_scale_does_not_couple_samples() -> None:
     # equal up to the matmul's batch-size-dependent summation order
     torch.testing.assert_close(together, alone, atol=1e-6, rtol=0.0)
     # control: under a per-batch scale sample 0 would be flushed and its output changed
-    w_q = quantize_values(layer.weight.detach(), fmt=QuantFormat.INT4, scale=layer.weight.abs().max())
+    w = layer.weight.detach()
+    w_q = quantize_values(w, fmt=QuantFormat.INT4, scale=w.abs().max())
     x_batch_scaled = quantize_values(x, fmt=QuantFormat.INT4, scale=x.abs().max())
     coupled = F.linear(x_batch_scaled[:1], w_q, layer.bias)
     assert not torch.allclose(coupled, alone, atol=1e-3)
