@@ -1,31 +1,33 @@
 """Numba kernels behind ``fedquant.quantize`` and ``fedquant.packing`` (private).
 
-Every kernel is one pass over its input, compiled once per dtype and cached on disk
-(``cache=True``); ``nogil=True`` lets the callers split large arrays over a thread pool.
-``fastmath`` is off: the rounding below relies on exact IEEE arithmetic.
+Each kernel is one pass over its input, compiled on first use for the dtypes it meets
+and cached on disk (``cache=True``), with ``nogil=True`` so that callers can split large
+arrays over a thread pool and ``fastmath=False`` (the rounding below relies on exact
+IEEE arithmetic). Signatures are kept few because compilation costs seconds: 1-D
+contiguous arrays, float constants passed as a small array of the input's dtype
+(``consts``), int64 and uint64 scalars. Indices are cast to unsigned so that numba emits
+no negative-index wrap-around, which would stop LLVM from vectorizing the loops.
 
-Signatures are kept few (first-call compile time): 1-D contiguous arrays, float
-constants passed as a small array of the input's dtype (``consts``), int64 scalars.
+Quantizer (``quantize_nearest``, ``quantize_stochastic``), with u = x a, a = n / (2 s),
+n = 2**B - 1; in u-units code c has the level c - n/2, and uc = clip(u, -n/2, n/2)::
 
-Quantizer, in u-units (u = x a, a = n / (2 s), n = 2**B - 1; the levels are the
-half-integers -n/2, ..., n/2 and code c has level c - n/2)::
+    NEAREST      g = floor(uc),  c = g + (n + 1)/2          (= floor(n y + 1/2))
+    STOCHASTIC   t = uc + n/2 in [0, n],  T = rint(t 2**24)  (uint32: T < 2**32)
+                 c = (T + k) >> 24,  k uniform on 0..2**24 - 1
+                   = floor(t' + k 2**-24)  with t' = T 2**-24  (= floor(n y + U))
 
-    uc = clip(u, -n/2, n/2)
-    NEAREST:     g = floor(uc),        c = g + (n + 1)/2,         level = g + 1/2
-    STOCHASTIC:  t = uc + 1/2, g = floor(t), f = t - g  (exact, f in [0, 1))
-                 b = [U < f],          c = g + b + (n - 1)/2,     level = g + b - 1/2
+T is exact whenever t is a multiple of 2**-24 (every float32 t >= 1/2); otherwise t'
+is t rounded to 24 fractional bits (error <= 2**-25 of a step). So E[c] = t' and P(c
+rounds up) = frac(t') exactly: the dither has 24 bits and adds no bias beyond that
+rounding, and a value on the grid keeps its code. k is the top 24 bits of
+``splitmix64(key + i * gamma)`` for the element's global index i: a counter-based
+stream, so the codes do not depend on how the array is split over threads.
 
-The stochastic rule is ``c = floor(n y + U)`` written as ``floor(n y) + [U < frac(n y)]``
-(n y = t + (n - 1)/2 has the fractional part f of t); comparing the dither with f
-instead of adding it keeps every random bit: U = (k + 1/2) 2**-24 with k uniform on
-0..2**24 - 1, compared in float64 (exact). Then P(b = 1) = f whenever f is a multiple
-of 2**-24 (always for float32 u with |t| >= 1), else within 2**-25 of f; a point on the
-grid (f = 0) keeps its code. k is the top 24 bits of ``splitmix64(key + i * gamma)``
-for the element's global index i (a counter-based stream: the codes do not depend on
-how the array is split over threads).
-
-The squared error (u - level)**2 is summed in float64 into _LANES independent
-accumulators (a fixed summation order that vectorizes without reassociation).
+The squared error (u - level)**2 is computed in the working precision and summed over
+blocks of _ROWS elements per lane into _LANES partial sums of that precision, which
+are flushed into float64 accumulators after each block (a fixed order that vectorizes
+without reassociation; blocks are aligned to the start of the array, so splits at
+multiples of BLOCK give the same partial sums).
 """
 
 from __future__ import annotations
@@ -33,119 +35,337 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-_LANES = 64  # float64 partial sums of the squared error (vectorizable, fixed order)
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)  # splitmix64 increment (golden ratio)
+__all__ = [
+    "BLOCK",
+    "abs_max_bits",
+    "gather_abs",
+    "octav_solve",
+    "pack_words",
+    "quantize_nearest",
+    "quantize_stochastic",
+]
+
+_LANES = 64  # partial sums (one per position in a row of _LANES elements)
+_ROWS = 16  # rows per block: each working-precision partial sum holds _ROWS terms
+BLOCK = _LANES * _ROWS  # elements per block; split arrays at multiples of this
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)  # splitmix64 increment (2**64 / golden ratio)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
-_S30 = np.uint64(30)
+_S24 = np.uint32(24)
 _S27 = np.uint64(27)
+_S30 = np.uint64(30)
 _S31 = np.uint64(31)
-_S40 = np.uint64(40)  # 64 - 24: keep the top 24 bits
-_DITHER_SCALE = 2.0**-24
+_S32 = np.uint64(32)
+_LOW32 = np.uint64(0xFFFFFFFF)
+_GAMMA32 = np.uint64(0x9E3779B9)  # 2**32 / golden ratio (odd): lane offsets in a row
+_HMUL1 = np.uint32(0x7FEB352D)  # lowbias32 multipliers
+_HMUL2 = np.uint32(0x846CA68B)
+_H8 = np.uint32(8)  # 32 - 24: keep the top 24 bits of the hash
+_H15 = np.uint32(15)
+_H16 = np.uint32(16)
 
-_jit = numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
+_jit = numba.njit(cache=True, nogil=True, fastmath=False)
+_inline = numba.njit(cache=True, nogil=True, fastmath=False, inline="always")
 
 
-@_jit
-def mix64(z: np.uint64) -> np.uint64:
-    """splitmix64 output function (Steele, Lea & Flood 2014; Stafford's mix 13)."""
-    z = (z ^ (z >> _S30)) * _MIX1
-    z = (z ^ (z >> _S27)) * _MIX2
-    return z ^ (z >> _S31)
+# ----------------------------------------------------------------------------- max |x|
 
 
 @_jit
 def abs_max_bits(words, mask):  # type: ignore[no-untyped-def]
-    """max(words & mask): for the bit patterns of floats with the sign masked off this is
-    the bit pattern of max|x| (IEEE order equals integer order for nonnegative floats);
-    a result >= the pattern of +inf means NaN or inf was present."""
-    m0 = words.dtype.type(0)
+    """max(words & mask) over a uint32/uint64 view of float32/float64 values.
+
+    With the sign bit masked off, IEEE order equals integer order, so the result is the
+    bit pattern of max|x|; one at or above the pattern of +inf means NaN or inf.
+    """
     acc = np.zeros(_LANES, words.dtype)
     size = words.size
     whole = size - size % _LANES
     for i in range(0, whole, _LANES):
         for j in range(_LANES):
-            v = words[i + j] & mask
-            if v > acc[j]:
-                acc[j] = v
-    best = m0
-    for j in range(_LANES):
-        if acc[j] > best:
-            best = acc[j]
+            v = words[np.uint64(i + j)] & mask
+            acc[j] = max(acc[j], v)
+    best = acc.max()
     for i in range(whole, size):
-        v = words[i] & mask
-        if v > best:
-            best = v
+        best = max(best, words[np.uint64(i)] & mask)
     return best
+
+
+# ----------------------------------------------------------------------------- quantizer
+
+
+@_inline
+def _nearest_one(xv, a, half, p5):  # type: ignore[no-untyped-def]
+    """(floor(uc), (u - level)**2) for one element, in the working precision."""
+    u = xv * a
+    g = np.floor(min(max(u, -half), half))
+    e = u - (g + p5)
+    return g, e * e
 
 
 @_jit
 def quantize_nearest(x, codes, consts, offset):  # type: ignore[no-untyped-def]
-    """codes[i] = floor(clip(x[i] a)) + offset; returns sum((u - level)**2) in u-units.
+    """codes = floor(clip(x a)) + offset; returns sum((u - level)**2) in u-units.
 
-    ``consts`` = (a, n/2, 1/2) in x's dtype; ``offset`` = (n + 1)/2.
+    ``consts`` = (a, n/2, 1/2) in x's dtype, ``offset`` = (n + 1)/2.
     """
     a = consts[0]
     half = consts[1]
     p5 = consts[2]
+    off = np.int32(offset)
     acc = np.zeros(_LANES, np.float64)
+    part = np.zeros(_LANES, x.dtype)
     size = x.size
     whole = size - size % _LANES
-    for i in range(0, whole, _LANES):
+    for block in range(0, whole, BLOCK):
+        part[:] = 0
+        for i in range(block, min(block + BLOCK, whole), _LANES):
+            for j in range(_LANES):
+                p = np.uint64(i + j)
+                g, e2 = _nearest_one(x[p], a, half, p5)
+                codes[p] = np.int32(g) + off
+                part[j] += e2
         for j in range(_LANES):
-            u = x[i + j] * a
-            uc = min(max(u, -half), half)
-            g = np.floor(uc)
-            codes[i + j] = np.int64(g) + offset
-            e = np.float64(u) - np.float64(g + p5)
-            acc[j] += e * e
+            acc[j] += part[j]
     for i in range(whole, size):
-        u = x[i] * a
-        uc = min(max(u, -half), half)
-        g = np.floor(uc)
-        codes[i] = np.int64(g) + offset
-        e = np.float64(u) - np.float64(g + p5)
-        acc[i - whole] += e * e
+        p = np.uint64(i)
+        g, e2 = _nearest_one(x[p], a, half, p5)
+        codes[p] = np.int32(g) + off
+        acc[i - whole] += e2
     return acc.sum()
+
+
+@_inline
+def _mix64(z):  # type: ignore[no-untyped-def]
+    """splitmix64 output function (Steele, Lea & Flood, OOPSLA 2014)."""
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    return z ^ (z >> _S31)
+
+
+@_inline
+def _lowbias32(z):  # type: ignore[no-untyped-def]
+    """32-bit integer hash ``lowbias32`` (C. Wellons, "Prospecting for hash functions",
+    2018): a bijection of uint32 with low avalanche bias; explicit uint32 casts keep
+    numba from widening the arithmetic."""
+    z = np.uint32(z ^ (z >> _H16))
+    z = np.uint32(z * _HMUL1)
+    z = np.uint32(z ^ (z >> _H15))
+    z = np.uint32(z * _HMUL2)
+    return np.uint32(z ^ (z >> _H16))
+
+
+@_inline
+def _stochastic_one(xv, a, half, scale, k):  # type: ignore[no-untyped-def]
+    """(code, (u - level)**2) for one element with the 24-bit dither k."""
+    u = xv * a
+    t = min(max(u, -half), half) + half  # in [0, n]
+    c = np.uint32(np.uint32(np.rint(t * scale)) + k) >> _S24
+    e = u - (np.float32(c) - half)  # level c - n/2, exact (c <= 255); u's precision
+    return c, e * e
 
 
 @_jit
-def quantize_stochastic(x, codes, consts, offset, key, start):  # type: ignore[no-untyped-def]
-    """Stochastic rounding of x (global indices start, start + 1, ...); see module doc.
+def quantize_stochastic(x, codes, consts, key, start):  # type: ignore[no-untyped-def]
+    """Stochastic rounding (module docstring) of x, whose element 0 has the global index
+    ``start`` (a multiple of _LANES) in the stream ``key``; returns sum((u - level)**2)
+    in u-units.
 
-    ``consts`` = (a, n/2, 1/2) in x's dtype; ``offset`` = (n - 1)/2; ``key`` a uint64.
-    Returns sum((u - level)**2) in u-units.
+    ``consts`` = (a, n/2, 2**24) in x's dtype; ``key`` a uint64, ``start`` an int64.
     """
     a = consts[0]
     half = consts[1]
-    p5 = consts[2]
+    scale = consts[2]
+    base = np.uint64(key) + np.uint64(start) * _GAMMA
+    weyl = np.empty(_LANES, np.uint32)  # lane j: j * gamma32 (mod 2**32)
+    for j in range(_LANES):
+        weyl[j] = np.uint32(np.uint64(j) * _GAMMA32)
     acc = np.zeros(_LANES, np.float64)
+    part = np.zeros(_LANES, x.dtype)
     size = x.size
     whole = size - size % _LANES
-    base = np.uint64(key) + np.uint64(start) * _GAMMA
-    for i in range(0, whole, _LANES):
+    for block in range(0, whole, BLOCK):
+        part[:] = 0
+        for i in range(block, min(block + BLOCK, whole), _LANES):
+            row = _mix64(base + np.uint64(i) * _GAMMA)  # one 64-bit key per row
+            lo = np.uint32(row & _LOW32)
+            hi = np.uint32(row >> _S32)
+            for j in range(_LANES):
+                p = np.uint64(i + j)
+                k = np.uint32(_lowbias32(np.uint32(lo + weyl[j])) ^ hi) >> _H8
+                c, e2 = _stochastic_one(x[p], a, half, scale, k)
+                codes[p] = c
+                part[j] += e2
         for j in range(_LANES):
-            u = x[i + j] * a
-            uc = min(max(u, -half), half)
-            t = uc + p5
-            g = np.floor(t)
-            f = np.float64(t - g)
-            k = mix64(base + np.uint64(i + j) * _GAMMA) >> _S40
-            dither = (np.float64(k) + 0.5) * _DITHER_SCALE
-            lev = np.float64(g) + (1.0 if dither < f else 0.0)
-            codes[i + j] = np.int64(lev) + offset
-            e = np.float64(u) - (lev - 0.5)
-            acc[j] += e * e
-    for i in range(whole, size):
-        u = x[i] * a
-        uc = min(max(u, -half), half)
-        t = uc + p5
-        g = np.floor(t)
-        f = np.float64(t - g)
-        k = mix64(base + np.uint64(i) * _GAMMA) >> _S40
-        dither = (np.float64(k) + 0.5) * _DITHER_SCALE
-        lev = np.float64(g) + (1.0 if dither < f else 0.0)
-        codes[i] = np.int64(lev) + offset
-        e = np.float64(u) - (lev - 0.5)
-        acc[i - whole] += e * e
+            acc[j] += part[j]
+    row = _mix64(base + np.uint64(whole) * _GAMMA)
+    lo = np.uint32(row & _LOW32)
+    hi = np.uint32(row >> _S32)
+    for j in range(size - whole):
+        p = np.uint64(whole + j)
+        k = np.uint32(_lowbias32(np.uint32(lo + weyl[j])) ^ hi) >> _H8
+        c, e2 = _stochastic_one(x[p], a, half, scale, k)
+        codes[p] = c
+        acc[j] += e2
     return acc.sum()
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+@_jit
+def pack_words(codes, out, bits, steps):  # type: ignore[no-untyped-def]
+    """Pack uint8 codes (length a multiple of 64) into ``out`` (uint64, ``bits`` words per
+    64 codes) in the layout of ``fedquant.packing``; returns the OR of all code bytes
+    (as a uint64 of 8 byte lanes) for the range check.
+
+    8 codes are read as one little-endian uint64 and compressed to their 8 * bits
+    payload bits by the three mask-and-shift ``steps`` (shift, low, high) of
+    ``packing._lane_masks``; the payloads are then concatenated into 64-bit words.
+    Width 4 takes a direct path (two codes per byte).
+    """
+    seen = np.uint64(0)
+    groups = codes.size // 64
+    if bits == 4:
+        dst = out.view(np.uint8)
+        seen8 = np.uint8(0)
+        for i in range(groups * 32):
+            lo = codes[np.uint64(2 * i)]
+            hi = codes[np.uint64(2 * i + 1)]
+            seen8 |= lo | hi
+            dst[np.uint64(i)] = lo | (hi << np.uint8(4))
+        return np.uint64(seen8)
+    width = 8 * bits  # payload bits per 8 codes
+    s0 = np.uint64(steps[0])
+    s1 = np.uint64(steps[3])
+    s2 = np.uint64(steps[6])
+    for group in range(groups):
+        word = np.uint64(0)
+        filled = 0
+        q = group * bits
+        for j in range(8):
+            first = 64 * group + 8 * j
+            w = np.uint64(0)
+            for b in range(8):
+                w |= np.uint64(codes[np.uint64(first + b)]) << np.uint64(8 * b)
+            seen |= w
+            w = (w & steps[1]) | ((w & steps[2]) >> s0)
+            w = (w & steps[4]) | ((w & steps[5]) >> s1)
+            w = (w & steps[7]) | ((w & steps[8]) >> s2)
+            word |= w << np.uint64(filled)
+            filled += width
+            if filled >= 64:
+                out[np.uint64(q)] = word
+                q += 1
+                filled -= 64
+                word = (w >> np.uint64(width - filled)) if filled > 0 else np.uint64(0)
+    return seen
+
+
+# ----------------------------------------------------------------------------- OCTAV
+
+
+@_jit
+def gather_abs(flat, starts, run):  # type: ignore[no-untyped-def]
+    """|flat[s:s + run]| for every s in ``starts``, concatenated (flat's dtype)."""
+    out = np.empty(starts.size * run, flat.dtype)
+    for r in range(starts.size):
+        s = starts[r]
+        for j in range(run):
+            out[np.uint64(r * run + j)] = abs(flat[np.uint64(s + j)])
+    return out
+
+
+@_inline
+def _bin_stats(p1, p2, idx, lo, hi):  # type: ignore[no-untyped-def]
+    """(count, sum a, sum a**2) of the sorted elements idx[lo] .. idx[hi] - 1."""
+    return np.float64(idx[hi] - idx[lo]), p1[idx[hi]] - p1[idx[lo]], p2[idx[hi]] - p2[idx[lo]]
+
+
+@_jit
+def _octav_mse(a, p1, p2, s, n, nearest):  # type: ignore[no-untyped-def]
+    """Exact MSE at threshold s of the sorted magnitudes a (see quantize._SortedMagnitudes)."""
+    m = a.size
+    step = 2.0 * s / n
+    top = (n - 1) // 2
+    idx = np.empty(top + 3, np.int64)  # bin boundaries in a
+    idx[0] = 0
+    idx[top + 2] = m
+    total = 0.0
+    if nearest:
+        # bins [k step, (k+1) step) -> level (k + 1/2) step; the last bin reaches inf
+        for k in range(1, top + 1):
+            idx[k] = np.searchsorted(a, step * k)
+        idx[top + 1] = m
+        for k in range(top + 1):
+            cnt, s1, s2 = _bin_stats(p1, p2, idx, k, k + 1)
+            level = step * (k + 0.5)
+            total += s2 - 2.0 * level * s1 + level * level * cnt
+    else:
+        # between levels lo < a < hi: E err**2 = (a - lo)(hi - a); above s: (a - s)**2
+        for k in range(top + 1):
+            idx[k + 1] = np.searchsorted(a, step * (k + 0.5))
+        for k in range(top + 1):
+            cnt, s1, s2 = _bin_stats(p1, p2, idx, k, k + 1)
+            hi = step * (k + 0.5)
+            lo = -hi if k == 0 else step * (k - 0.5)
+            total += -s2 + (lo + hi) * s1 - lo * hi * cnt
+        cnt, s1, s2 = _bin_stats(p1, p2, idx, top + 1, top + 2)
+        total += s2 - 2.0 * s * s1 + s * s * cnt
+    return max(total, 0.0) / m
+
+
+@_jit
+def octav_solve(a, n, nearest, kappa, max_iter, tol):  # type: ignore[no-untyped-def]
+    """OCTAV on sorted magnitudes a (float64, max 1): fixed point, then a 21-point scan
+    and a golden-section search on the exact MSE; returns s in (0, 1].
+
+    The numba twin of ``quantize._octav_normalized`` (same steps and formulas).
+    """
+    m = a.size
+    p1 = np.zeros(m + 1)
+    p2 = np.zeros(m + 1)
+    for i in range(m):
+        p1[i + 1] = p1[i] + a[i]
+        p2[i + 1] = p2[i] + a[i] * a[i]
+    s = p1[m] / m
+    for _ in range(max_iter):
+        i = np.searchsorted(a, s, side="right")
+        above = m - i
+        s_next = (p1[m] - p1[i]) / (kappa * i + above)
+        if above == 0:
+            s = 1.0
+            break
+        done = abs(s_next - s) <= tol * s
+        s = s_next
+        if done:
+            break
+    s = min(s, 1.0)
+
+    grid = np.linspace(0.5 * s, min(1.5 * s, 1.0), 21)
+    values = np.empty(grid.size)
+    for g in range(grid.size):
+        values[g] = _octav_mse(a, p1, p2, grid[g], n, nearest)
+    best = np.argmin(values)
+    lo = grid[max(best - 1, 0)]
+    hi = grid[min(best + 1, grid.size - 1)]
+
+    inv_phi = (np.sqrt(5.0) - 1.0) / 2.0  # golden-section search on [lo, hi]
+    c = hi - inv_phi * (hi - lo)
+    d = lo + inv_phi * (hi - lo)
+    fc = _octav_mse(a, p1, p2, c, n, nearest)
+    fd = _octav_mse(a, p1, p2, d, n, nearest)
+    while hi - lo > 1e-3 * hi:
+        if fc <= fd:
+            hi, d, fd = d, c, fc
+            c = hi - inv_phi * (hi - lo)
+            fc = _octav_mse(a, p1, p2, c, n, nearest)
+        else:
+            lo, c, fc = c, d, fd
+            d = lo + inv_phi * (hi - lo)
+            fd = _octav_mse(a, p1, p2, d, n, nearest)
+    polished = c if fc <= fd else d
+    if _octav_mse(a, p1, p2, polished, n, nearest) <= values[best]:
+        return polished
+    return grid[best]

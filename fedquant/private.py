@@ -201,7 +201,7 @@ def train_round(
         )
 
     flops = layer_flops(model, layers, data.images[:1])
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
     stats = RoundStats(loss=0.0, steps=0, epochs=0, quantized_epochs=[0] * n_layers)
     speedups: list[float] = []
     total_loss, seen = 0.0, 0
@@ -243,11 +243,9 @@ def train_round(
             if plan.max_steps and stats.steps >= plan.max_steps:
                 break
             optimizer.zero_grad(set_to_none=True)
-            if len(labels) == 0:  # an empty Poisson batch: noise-only step
-                optimizer.step()
-                stats.steps += 1
-                continue
-            loss = loss_fn(trained(images), labels)
+            # Mean over the batch, written as sum / n so that an empty Poisson batch gives
+            # a zero loss (its step is noise only) instead of a NaN mean.
+            loss = loss_fn(trained(images), labels) / max(len(labels), 1)
             loss.backward()
             optimizer.step()
             stats.steps += 1

@@ -49,6 +49,7 @@ def resolve_run_config(overrides: Sequence[str]) -> tuple[RunConfig, dict[str, A
     Returns the validated config and the overrides to pass to ``flwr run``
     (``out-dir`` made absolute, since the ServerApp runs in another directory).
     """
+    from sims.server_app import validate_privacy_plan
     from strategies.quantized import strategy_from_config
 
     parsed = parse_config_args(list(overrides)) if overrides else {}
@@ -59,6 +60,7 @@ def resolve_run_config(overrides: Sequence[str]) -> tuple[RunConfig, dict[str, A
     merged = {**defaults, **parsed}
     cfg = RunConfig.from_flower(merged, strict=True)
     strategy_from_config(cfg)  # validates the aggregator spec
+    validate_privacy_plan(cfg)  # an unreachable (epsilon, delta) target stops here
     parsed["out-dir"] = str(Path(cfg.out_dir).expanduser().resolve())
     return cfg, parsed
 

@@ -16,8 +16,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from fedquant.config import RunConfig
-from fedquant.data import load_mnist
+from clients.client_app import dp_settings, quant_settings
+from fedquant.config import ConfigError, RunConfig
+from fedquant.data import load_mnist, partition_indices
+from fedquant.private import calibrate_client_noise, round_plan
 from fedquant.models import build_model, evaluate
 from sims.report import RunReport
 from strategies.quantized import QuantizedStrategy, strategy_from_config
@@ -29,7 +31,40 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flower(context.run_config)
     strategy = strategy_from_config(cfg)  # a bad aggregator fails here, before clients
+    validate_privacy_plan(cfg)
     run(grid, cfg, strategy)
+
+
+def validate_privacy_plan(cfg: RunConfig) -> None:
+    """Fail before any client starts if some client cannot meet the (ε, δ) target.
+
+    Calibrates every simulated partition's noise multiplier the way its client will
+    (all planned rounds plus DPQuant's estimator queries); an impossible target raises
+    ConfigError naming target-epsilon.
+    """
+    if not cfg.dp:
+        return
+    parts = partition_indices(
+        num_partitions=cfg.num_supernodes,
+        partitioning=cfg.partitioning,
+        alpha=cfg.dirichlet_alpha,
+        seed=cfg.seed,
+    )
+    dp, quant = dp_settings(cfg), quant_settings(cfg)
+    assert dp is not None
+    for size in sorted({len(p) for p in parts}):
+        plan = round_plan(
+            size, batch_size=cfg.batch_size, epochs=cfg.local_epochs, max_steps=cfg.local_steps
+        )
+        try:
+            calibrate_client_noise(plan, rounds=cfg.num_server_rounds, dp=dp, quant=quant)
+        except ValueError as err:
+            raise ConfigError(
+                "target-epsilon",
+                cfg.target_epsilon,
+                f"cannot be met by a client with {size} examples over "
+                f"{cfg.num_server_rounds} rounds: {err}",
+            ) from err
 
 
 def run(grid: Grid, cfg: RunConfig, strategy: QuantizedStrategy) -> RunReport:

@@ -14,9 +14,10 @@ from sims.run import APP_DIR, run_simulation
 
 def test_quantized_fedavg_simulation_with_ray(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    cfg, status = run_simulation(
+    _, status = run_simulation(
         [
             "num-supernodes=8 fraction-train=0.5 num-server-rounds=3 bits=4 local-steps=40",
+            'batch-size=32 dp=false quant-policy="none"',
             f'out-dir="{out}"',
         ],
         stream=False,
@@ -35,10 +36,35 @@ def test_quantized_fedavg_simulation_with_ray(tmp_path: Path) -> None:
     assert (out / "rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_private_dpquant_simulation_with_ray(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _, status = run_simulation(
+        [
+            "num-supernodes=6 num-server-rounds=3 bits=4 local-steps=20 target-epsilon=4.0",
+            'dp=true quant-policy="dpquant" quant-train-ratio=0.5',
+            f'out-dir="{out}"',
+        ],
+        stream=False,
+    )
+    assert status["status"] == "finished:completed"
+    results = json.loads((out / "results.json").read_text())
+    rounds = results["rounds"]
+    assert rounds[-1]["accuracy"] > 0.3  # chance is 0.1
+    # Every client reported its cumulative epsilon; none exceeded the target.
+    epsilons = [r["epsilon-max"] for r in rounds]
+    assert 0 < epsilons[0] < epsilons[1] < epsilons[2] <= 4.0
+    assert results["summary"]["max-epsilon"] == epsilons[2]
+    # k = round(0.5 * 4) = 2 of the CNN's 4 layers ran quantized in every epoch.
+    for r in rounds:
+        assert sum(r["quantized-layer-fraction"]) == pytest.approx(2.0)
+        assert r["speedup"] > 1.0
+
+
 @pytest.mark.parametrize(
     ("override", "key"),
     [("bits=9", "bits"), ('clip="median"', "clip"), ('aggregator="nope"', "aggregator"),
-     ("no-such-key=1", "no-such-key"), ("lr=-1.0", "lr")],
+     ("no-such-key=1", "no-such-key"), ("lr=-1.0", "lr"),
+     ("target-epsilon=0.0001 num-server-rounds=50", "target-epsilon")],
 )
 def test_launcher_rejects_bad_config_before_starting(override: str, key: str) -> None:
     proc = subprocess.run(
