@@ -57,7 +57,9 @@ def test_private_dpquant_simulation_with_ray(tmp_path: Path) -> None:
     # k = round(0.5 * 4) = 2 of the CNN's 4 layers ran quantized in every epoch.
     for r in rounds:
         assert sum(r["quantized-layer-fraction"]) == pytest.approx(2.0)
-        assert r["speedup"] > 1.0
+        assert 0 < r["speedup"] < 4.0  # s = 4 bounds paper A's formula
+    # Round 2 runs no sensitivity estimate (period 2): quantized layers only save time.
+    assert rounds[1]["speedup"] > 1.0
 
 
 @pytest.mark.parametrize(
