@@ -16,12 +16,22 @@ n = 2**B - 1; in u-units code c has the level c - n/2, and uc = clip(u, -n/2, n/
                  c = (T + k) >> 24,  k uniform on 0..2**24 - 1
                    = floor(t' + k 2**-24)  with t' = T 2**-24  (= floor(n y + U))
 
-T is exact whenever t is a multiple of 2**-24 (every float32 t >= 1/2); otherwise t'
-is t rounded to 24 fractional bits (error <= 2**-25 of a step). So E[c] = t' and P(c
-rounds up) = frac(t') exactly: the dither has 24 bits and adds no bias beyond that
-rounding, and a value on the grid keeps its code. k is the top 24 bits of
-``splitmix64(key + i * gamma)`` for the element's global index i: a counter-based
-stream, so the codes do not depend on how the array is split over threads.
+t 2**24 is exact in floating point; T equals it whenever t is a multiple of 2**-24
+(every float32 t >= 1/2), else t' is t rounded to 24 fractional bits (error <= 2**-25
+of a step). So E[c] = t' and P(c rounds up) = frac(t') exactly: the 24-bit dither adds
+no bias beyond that rounding, and a value on the grid keeps its code.
+
+Random bits (a counter-based stream: the codes depend only on the key and the global
+index, not on how the array is split over threads, as long as splits fall on multiples
+of _LANES): the element with global index 64 r + j (row r, lane j) gets::
+
+    (hi_r, lo_r) = halves of splitmix64(key + 64 r gamma64)     one 64-bit hash per row
+    k = (lowbias32(lo_r + j gamma32 mod 2**32) xor hi_r) >> 8    one 32-bit hash each
+
+splitmix64 (Steele, Lea & Flood 2014) gives every row an independent 64-bit key;
+lowbias32 (Wellons 2018) is a bijection of uint32, so the 64 lanes of a row get distinct,
+well-mixed words. 32-bit lanes keep the loop in 8-wide vectors: a 64-bit hash per
+element (vpmullq) made the stochastic kernel about 1.5x slower.
 
 The squared error (u - level)**2 is computed in the working precision and summed over
 blocks of _ROWS elements per lane into _LANES partial sums of that precision, which
@@ -85,11 +95,23 @@ def abs_max_bits(words, mask):  # type: ignore[no-untyped-def]
     for i in range(0, whole, _LANES):
         for j in range(_LANES):
             v = words[np.uint64(i + j)] & mask
-            acc[j] = max(acc[j], v)
-    best = acc.max()
+            acc[j] = v if v > acc[j] else acc[j]
     for i in range(whole, size):
-        best = max(best, words[np.uint64(i)] & mask)
+        v = words[np.uint64(i)] & mask
+        acc[0] = v if v > acc[0] else acc[0]
+    best = acc[0]
+    for j in range(1, _LANES):
+        best = acc[j] if acc[j] > best else best
     return best
+
+
+@_inline
+def _total(acc):  # type: ignore[no-untyped-def]
+    """acc[0] + acc[1] + ... in order (cheaper to compile than ndarray.sum)."""
+    total = 0.0
+    for j in range(acc.size):
+        total += acc[j]
+    return total
 
 
 # ----------------------------------------------------------------------------- quantizer
@@ -119,7 +141,7 @@ def quantize_nearest(x, codes, consts, offset):  # type: ignore[no-untyped-def]
     size = x.size
     whole = size - size % _LANES
     for block in range(0, whole, BLOCK):
-        part[:] = 0
+        part.fill(0)
         for i in range(block, min(block + BLOCK, whole), _LANES):
             for j in range(_LANES):
                 p = np.uint64(i + j)
@@ -133,7 +155,7 @@ def quantize_nearest(x, codes, consts, offset):  # type: ignore[no-untyped-def]
         g, e2 = _nearest_one(x[p], a, half, p5)
         codes[p] = np.int32(g) + off
         acc[i - whole] += e2
-    return acc.sum()
+    return _total(acc)
 
 
 @_inline
@@ -186,7 +208,7 @@ def quantize_stochastic(x, codes, consts, key, start):  # type: ignore[no-untype
     size = x.size
     whole = size - size % _LANES
     for block in range(0, whole, BLOCK):
-        part[:] = 0
+        part.fill(0)
         for i in range(block, min(block + BLOCK, whole), _LANES):
             row = _mix64(base + np.uint64(i) * _GAMMA)  # one 64-bit key per row
             lo = np.uint32(row & _LOW32)
@@ -208,7 +230,7 @@ def quantize_stochastic(x, codes, consts, key, start):  # type: ignore[no-untype
         c, e2 = _stochastic_one(x[p], a, half, scale, k)
         codes[p] = c
         acc[j] += e2
-    return acc.sum()
+    return _total(acc)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -278,40 +300,52 @@ def gather_abs(flat, starts, run):  # type: ignore[no-untyped-def]
 
 
 @_inline
-def _bin_stats(p1, p2, idx, lo, hi):  # type: ignore[no-untyped-def]
-    """(count, sum a, sum a**2) of the sorted elements idx[lo] .. idx[hi] - 1."""
-    return np.float64(idx[hi] - idx[lo]), p1[idx[hi]] - p1[idx[lo]], p2[idx[hi]] - p2[idx[lo]]
+def _search(a, v, right):  # type: ignore[no-untyped-def]
+    """np.searchsorted(a, v, side="right" if right else "left") for sorted a (a plain
+    binary search: much cheaper to compile than numba's generic searchsorted)."""
+    lo = 0
+    hi = a.size
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if a[mid] < v or (right and a[mid] == v):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 @_jit
 def _octav_mse(a, p1, p2, s, n, nearest):  # type: ignore[no-untyped-def]
-    """Exact MSE at threshold s of the sorted magnitudes a (see quantize._SortedMagnitudes)."""
+    """Exact MSE at threshold s of the sorted magnitudes a with prefix sums p1 (of a) and
+    p2 (of a**2); the formulas of ``quantize._SortedMagnitudes.mse``."""
     m = a.size
     step = 2.0 * s / n
     top = (n - 1) // 2
-    idx = np.empty(top + 3, np.int64)  # bin boundaries in a
-    idx[0] = 0
-    idx[top + 2] = m
     total = 0.0
-    if nearest:
-        # bins [k step, (k+1) step) -> level (k + 1/2) step; the last bin reaches inf
-        for k in range(1, top + 1):
-            idx[k] = np.searchsorted(a, step * k)
-        idx[top + 1] = m
-        for k in range(top + 1):
-            cnt, s1, s2 = _bin_stats(p1, p2, idx, k, k + 1)
+    lo_idx = 0
+    for k in range(top + 1):
+        if nearest:
+            # bins [k step, (k+1) step) -> level (k + 1/2) step; the last one reaches inf
+            hi_idx = m if k == top else _search(a, step * (k + 1), False)
+            cnt = np.float64(hi_idx - lo_idx)
+            s1 = p1[hi_idx] - p1[lo_idx]
+            s2 = p2[hi_idx] - p2[lo_idx]
             level = step * (k + 0.5)
             total += s2 - 2.0 * level * s1 + level * level * cnt
-    else:
-        # between levels lo < a < hi: E err**2 = (a - lo)(hi - a); above s: (a - s)**2
-        for k in range(top + 1):
-            idx[k + 1] = np.searchsorted(a, step * (k + 0.5))
-        for k in range(top + 1):
-            cnt, s1, s2 = _bin_stats(p1, p2, idx, k, k + 1)
+        else:
+            # between levels lo < a < hi: E err**2 = (a - lo)(hi - a)
+            hi_idx = _search(a, step * (k + 0.5), False)
+            cnt = np.float64(hi_idx - lo_idx)
+            s1 = p1[hi_idx] - p1[lo_idx]
+            s2 = p2[hi_idx] - p2[lo_idx]
             hi = step * (k + 0.5)
             lo = -hi if k == 0 else step * (k - 0.5)
             total += -s2 + (lo + hi) * s1 - lo * hi * cnt
-        cnt, s1, s2 = _bin_stats(p1, p2, idx, top + 1, top + 2)
+        lo_idx = hi_idx
+    if not nearest:  # above s: (a - s)**2
+        cnt = np.float64(m - lo_idx)
+        s1 = p1[m] - p1[lo_idx]
+        s2 = p2[m] - p2[lo_idx]
         total += s2 - 2.0 * s * s1 + s * s * cnt
     return max(total, 0.0) / m
 
@@ -331,7 +365,7 @@ def octav_solve(a, n, nearest, kappa, max_iter, tol):  # type: ignore[no-untyped
         p2[i + 1] = p2[i] + a[i] * a[i]
     s = p1[m] / m
     for _ in range(max_iter):
-        i = np.searchsorted(a, s, side="right")
+        i = _search(a, s, True)
         above = m - i
         s_next = (p1[m] - p1[i]) / (kappa * i + above)
         if above == 0:
@@ -343,13 +377,21 @@ def octav_solve(a, n, nearest, kappa, max_iter, tol):  # type: ignore[no-untyped
             break
     s = min(s, 1.0)
 
-    grid = np.linspace(0.5 * s, min(1.5 * s, 1.0), 21)
-    values = np.empty(grid.size)
-    for g in range(grid.size):
-        values[g] = _octav_mse(a, p1, p2, grid[g], n, nearest)
-    best = np.argmin(values)
+    # 21-point scan of [s/2, min(3s/2, 1)] (np.linspace's points), first minimum
+    grid = np.empty(21)
+    first = 0.5 * s
+    last = min(1.5 * s, 1.0)
+    for g in range(20):
+        grid[g] = g * ((last - first) / 20) + first
+    grid[20] = last
+    best = 0
+    best_value = np.inf
+    for g in range(21):
+        value = _octav_mse(a, p1, p2, grid[g], n, nearest)
+        if value < best_value:
+            best, best_value = g, value
     lo = grid[max(best - 1, 0)]
-    hi = grid[min(best + 1, grid.size - 1)]
+    hi = grid[min(best + 1, 20)]
 
     inv_phi = (np.sqrt(5.0) - 1.0) / 2.0  # golden-section search on [lo, hi]
     c = hi - inv_phi * (hi - lo)
@@ -366,6 +408,6 @@ def octav_solve(a, n, nearest, kappa, max_iter, tol):  # type: ignore[no-untyped
             d = lo + inv_phi * (hi - lo)
             fd = _octav_mse(a, p1, p2, d, n, nearest)
     polished = c if fc <= fd else d
-    if _octav_mse(a, p1, p2, polished, n, nearest) <= values[best]:
+    if _octav_mse(a, p1, p2, polished, n, nearest) <= best_value:
         return polished
     return grid[best]

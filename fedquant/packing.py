@@ -6,13 +6,20 @@ byte ``k // 8`` (LSB first; the layout of ``np.packbits(..., bitorder="little")`
 to the codes' bits, low bit first). ``packed_size(count) = ceil(count * B / 8)``. Pad bits
 in the last byte are written as zero; ``unpack_codes`` ignores them.
 
-Vectorized with numpy: 8 codes (a uint64 of 8 bytes) hold 8*B payload bits, so packing
-is a compress of byte lanes inside each uint64 in three halving steps (bytes -> 16-bit
--> 32-bit -> 64-bit lanes), after which the low B bytes of every group are kept.
-Widths 1, 2, 4 and 8 use shorter special cases.
+8 codes (a uint64 of 8 bytes) hold 8*B payload bits, so packing is a compress of byte
+lanes inside each uint64 in three halving steps (bytes -> 16-bit -> 32-bit -> 64-bit
+lanes), after which the low B bytes of every group are kept. ``pack_codes`` runs this
+in one pass in a numba kernel (``fedquant._kernels.pack_words``, which also checks the
+code range) when numba is installed and the host is little-endian, else vectorized with
+numpy, where widths 1, 2, 4 and 8 use shorter special cases. Unpacking uses numpy.
 """
 
 from __future__ import annotations
+
+import functools
+import sys
+import threading
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -21,6 +28,21 @@ __all__ = ["pack_codes", "packed_size", "unpack_codes"]
 
 _GROUP = 8  # codes per uint64 group
 _CHUNK = 1 << 16  # codes per block processed at once (a multiple of _GROUP; cache-sized)
+_SUPER = 64  # codes per group of the numba packer (8 * bits bytes, i.e. bits uint64 words)
+_SCRATCH_WORDS = 1 << 19  # largest per-thread scratch kept between calls (4 MiB)
+_scratch = threading.local()
+
+
+def _load_kernels() -> ModuleType | None:
+    """``fedquant._kernels``, or None without numba (then packing runs in numpy)."""
+    try:
+        from fedquant import _kernels
+    except ImportError:
+        return None
+    return _kernels
+
+
+_kernels = _load_kernels()
 
 
 def _check_bits(bits: object) -> int:
@@ -85,6 +107,8 @@ def pack_codes(codes: torch.Tensor | np.ndarray, *, bits: int) -> bytes:
     count = flat.size
     if count == 0:
         return b""
+    if _kernels is not None and bits < 8 and sys.byteorder == "little":
+        return _pack_numba(flat, bits)
     if bits < 8:
         top = int(flat.max())
         if top >= 1 << bits:
@@ -103,6 +127,49 @@ def pack_codes(codes: torch.Tensor | np.ndarray, *, bits: int) -> bytes:
         tail[: count - whole] = flat[whole:]
         _pack_block(tail, out[whole * bits // 8 :], bits)
     return out[: packed_size(count, bits=bits)].tobytes()
+
+
+@functools.cache
+def _compress_steps(bits: int) -> np.ndarray:
+    """``_lane_masks(bits)`` flattened to (shift, low, high) * 3 as uint64."""
+    steps = np.array([v for step in _lane_masks(bits) for v in step], np.uint64)
+    steps.flags.writeable = False
+    return steps
+
+
+def _words_buffer(size: int) -> np.ndarray:
+    """A uint64 scratch array of ``size`` words, reused by the calling thread when small.
+
+    Packing fills it and copies it into the returned ``bytes``; a fresh array per call
+    would give two large allocations per call, and the allocator then returns memory
+    to the OS and faults it back in (several times the cost of packing itself).
+    """
+    if size > _SCRATCH_WORDS:
+        return np.empty(size, np.uint64)
+    buffer = getattr(_scratch, "words", None)
+    if buffer is None or buffer.size < size:
+        buffer = np.empty(max(size, 1 << 12), np.uint64)
+        _scratch.words = buffer
+    return buffer[:size]
+
+
+def _pack_numba(flat: np.ndarray, bits: int) -> bytes:
+    """``pack_codes`` for bits < 8 with the numba kernel: 64 codes -> ``bits`` uint64 words
+    (native little-endian), the last partial group zero-padded."""
+    assert _kernels is not None
+    count = flat.size
+    whole = count - count % _SUPER
+    words = _words_buffer(-(-count // _SUPER) * bits)
+    steps = _compress_steps(bits)
+    seen = int(_kernels.pack_words(flat[:whole], words, bits, steps))
+    if whole < count:  # zero-padded tail: the pad bits are zero
+        tail = np.zeros(_SUPER, np.uint8)
+        tail[: count - whole] = flat[whole:]
+        seen |= int(_kernels.pack_words(tail, words[whole // _SUPER * bits :], bits, steps))
+    if seen & ~(0x0101010101010101 * ((1 << bits) - 1)):
+        top = int(flat.max())
+        raise ValueError(f"`codes` must be < 2**bits = {1 << bits}. Found `{top}`.")
+    return words.view(np.uint8)[: packed_size(count, bits=bits)].tobytes()
 
 
 def _pack_block(block: np.ndarray, out: np.ndarray, bits: int) -> None:

@@ -16,23 +16,26 @@ Implementation notes (the arithmetic actually executed):
 
 * Work is done on u = x * a with a = n / (2 s) (float32 for float32/float16/bfloat16
   input, float64 for float64 input or when float32 would overflow). In u-units the levels
-  are the half-integers -n/2, ..., n/2, so nearest rounding is ``floor(u) + 1/2`` and
-  stochastic rounding is ``floor(u + V) + 1/2`` with V = U - 1/2. The code is
-  c = floor(.) + (n + 1)/2, computed as an int8 and shifted modulo 256.
-* For ``ClipRule.MAX`` the float multiplier a is rounded down so that |u| <= n/2 holds in
-  floating point; no clipping pass is needed then.
-* The error is accumulated in u-units per chunk, sum((u - level_u)**2), and
-  ``mse = sum / (N a**2)``; a non-finite result falls back to an exact float64 pass.
-* Stochastic rounding uses 16 random bits per element: U = (k + 1/2) / 2**16 with k
-  uniform on 0..65535, drawn from a numpy SFC64 stream whose seed is one draw from the
-  caller's ``torch.Generator``. E[c] equals n y up to 2**-17 of a step (the resolution of
-  the dither, comparable to float32 rounding of n y). Values on the grid keep their code
-  as long as the float rounding of u stays below 2**-17 (float64 input; float32 input
-  up to 6 bits).
-  Streams are split into fixed blocks of 2**20 elements, so codes do not depend on the
-  number of worker threads.
-* Large tensors are processed in cache-sized chunks by a small thread pool (numpy
-  releases the GIL in its loops); sizes below 2**20 elements run on the calling thread.
+  are the half-integers -n/2, ..., n/2. For ``ClipRule.MAX`` the float multiplier a is
+  rounded down so that |u| <= n/2 holds in floating point.
+* Nearest rounding is ``floor(clip(u)) + 1/2`` in u-units, the code
+  c = floor(clip(u)) + (n + 1)/2.
+* Stochastic rounding uses 24 random bits per element: with t = clip(u) + n/2 = n y
+  rounded to 24 fractional bits (exact for float32 t >= 1/2), c = floor(t + k 2**-24),
+  k uniform on 0..2**24 - 1, evaluated in uint32 as ``(t 2**24 + k) >> 24``. So
+  E[c] = t exactly: the dither adds no bias beyond the float rounding of n y, and values
+  on the grid keep their code. k comes from a counter-based hash of (one draw of the
+  caller's ``torch.Generator``, element index): codes do not depend on the number of
+  worker threads. Details in ``fedquant._kernels``.
+* The squared error sum((u - level_u)**2) is accumulated in float64 (from partial sums
+  of 16 terms in the working precision) and ``mse = sum / (N a**2)``; a non-finite
+  result falls back to an exact float64 pass.
+* max|x|, the codes and their error, and OCTAV's search run in numba kernels
+  (``fedquant._kernels``): one pass over x for max|x| and one for codes and error.
+  Without numba a numpy pipeline computes the same nearest codes and error (stochastic
+  codes then come from a numpy SFC64 stream with a 16-bit dither, and differ).
+* Large tensors are split over a small thread pool (the kernels release the GIL);
+  sizes below 2**20 elements per worker run on the calling thread.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -66,8 +70,21 @@ _PARALLEL_MIN = 1 << 20  # below this many elements per worker, stay single-thre
 _OCTAV_SAMPLE = 1 << 16  # OCTAV runs on at most this many |x| values
 _OCTAV_RUN = 64  # consecutive elements per stratum of the OCTAV subsample
 _OCTAV_SAMPLE_SEED = 0x0C7A5  # fixed seed of the OCTAV subsample (never the clock)
-_RNG_BITS = 16  # random bits per element for stochastic rounding
+_RNG_BITS = 16  # random bits per element for stochastic rounding (numpy pipeline)
+_DITHER_SCALE = 2.0**24  # 24-bit dither of the numba kernel
 _CPUS = os.cpu_count() or 1
+
+
+def _load_kernels() -> ModuleType | None:
+    """``fedquant._kernels``, or None without numba (then numpy does the same work)."""
+    try:
+        from fedquant import _kernels
+    except ImportError:
+        return None
+    return _kernels
+
+
+_kernels = _load_kernels()
 
 
 class Rounding(enum.Enum):
@@ -179,18 +196,29 @@ def _flat_numpy(x: torch.Tensor) -> np.ndarray:
 def _abs_max(flat: np.ndarray) -> float:
     """max|x| as a Python float; ValueError if x holds NaN or inf.
 
-    numpy's max/min (single-threaded SIMD, split over the worker pool for large inputs)
-    rather than torch.aminmax, whose OpenMP barrier stalls when another process holds
-    one of the cores.
+    One pass of the ``abs_max_bits`` kernel (integer max of the bit patterns with the
+    sign masked off), or numpy's max/min without numba; split over the worker pool for
+    large inputs. Not torch.aminmax, whose OpenMP barrier stalls when another process
+    holds one of the cores.
     """
     if flat.size == 0:
         return 0.0
+    if _kernels is not None:
+        words = flat.view(f"u{flat.itemsize}")  # uint32 / uint64 bit patterns
+        mask = words.dtype.type((1 << (8 * flat.itemsize - 1)) - 1)  # all bits but the sign
 
-    def part(lo: int, hi: int) -> float:
-        chunk = flat[lo:hi]
-        return max(float(chunk.max()), -float(chunk.min()))
+        def part_bits(lo: int, hi: int) -> float:
+            return int(_kernels.abs_max_bits(words[lo:hi], mask))
 
-    amax = _run_parts(part, flat.size, _CHUNK, reduce=max)
+        top = int(_run_parts(part_bits, flat.size, _CHUNK, reduce=max))
+        amax = float(np.array(top, dtype=words.dtype).view(flat.dtype))
+    else:
+
+        def part(lo: int, hi: int) -> float:
+            chunk = flat[lo:hi]
+            return max(float(chunk.max()), -float(chunk.min()))
+
+        amax = _run_parts(part, flat.size, _CHUNK, reduce=max)
     if not math.isfinite(amax):
         raise ValueError("`x` must contain only finite values. Found NaN or inf.")
     return amax
@@ -275,6 +303,19 @@ def _golden_min(f: Callable[[float], float], lo: float, hi: float, *, rel_tol: f
     return c if fc <= fd else d
 
 
+@functools.lru_cache(maxsize=64)
+def _octav_starts(size: int) -> np.ndarray:
+    """First indices of the _OCTAV_RUN-element runs of the OCTAV subsample (fixed seed)."""
+    strata = _OCTAV_SAMPLE // _OCTAV_RUN
+    width = size / strata  # > _OCTAV_RUN
+    rng = np.random.default_rng(_OCTAV_SAMPLE_SEED)
+    starts = (np.arange(strata) * width + rng.random(strata) * (width - _OCTAV_RUN)).astype(
+        np.int64
+    )
+    starts.flags.writeable = False
+    return starts
+
+
 def _octav_sample(flat: np.ndarray) -> np.ndarray:
     """|x| as float64; above _OCTAV_SAMPLE elements a fixed-seed stratified subsample.
 
@@ -283,12 +324,7 @@ def _octav_sample(flat: np.ndarray) -> np.ndarray:
     gather cache-friendly; strata spread it over the whole tensor).
     """
     if flat.size > _OCTAV_SAMPLE:
-        strata = _OCTAV_SAMPLE // _OCTAV_RUN
-        width = flat.size / strata  # > _OCTAV_RUN
-        rng = np.random.default_rng(_OCTAV_SAMPLE_SEED)
-        starts = (np.arange(strata) * width + rng.random(strata) * (width - _OCTAV_RUN)).astype(
-            np.int64
-        )
+        starts = _octav_starts(flat.size)
         idx = starts[:, None] + np.arange(_OCTAV_RUN)  # (strata, run)
         flat = flat[idx.reshape(-1)]
     return np.abs(flat, dtype=np.float64)
@@ -378,9 +414,20 @@ def octav_clip(
 def _octav_from_flat(
     flat: np.ndarray, amax: float, *, n: int, rounding: Rounding, max_iter: int, tol: float
 ) -> float:
-    a = _octav_sample(flat)
-    a /= amax  # scale-normalize: no overflow/underflow for 1e-30 or 1e30 magnitudes
-    s = _octav_normalized(a, n=n, rounding=rounding, max_iter=max_iter, tol=tol)
+    if _kernels is not None:
+        if flat.size > _OCTAV_SAMPLE:
+            mags = _kernels.gather_abs(flat, _octav_starts(flat.size), _OCTAV_RUN)
+        else:
+            mags = np.abs(flat)
+        mags.sort()  # in the input's dtype (faster); |x| / amax is monotone in |x|
+        a = mags.astype(np.float64)
+        a /= amax  # scale-normalize: no overflow/underflow for 1e-30 or 1e30 magnitudes
+        nearest = rounding is Rounding.NEAREST
+        s = float(_kernels.octav_solve(a, n, nearest, _kappa(n, rounding), max_iter, tol))
+    else:
+        a = _octav_sample(flat)
+        a /= amax
+        s = _octav_normalized(a, n=n, rounding=rounding, max_iter=max_iter, tol=tol)
     return min(s * amax, amax)
 
 
@@ -451,7 +498,43 @@ def _quantize_flat(
 ) -> float:
     """Write the codes into ``codes`` (uint8) and return sum((u - level_u)**2).
 
+    ``seed`` None: nearest rounding, else stochastic rounding with that stream. The numba
+    kernels when available (they always clip, which costs nothing there), else numpy.
+    """
+    if _kernels is None:
+        return _quantize_flat_numpy(flat, codes, a=a, n=n, needs_clip=needs_clip, seed=seed)
+    dtype = flat.dtype.type
+    if seed is None:
+        consts = np.array([a, 0.5 * n, 0.5], dtype)
+        offset = (n + 1) // 2
+
+        def nearest(lo: int, hi: int) -> float:
+            return float(_kernels.quantize_nearest(flat[lo:hi], codes[lo:hi], consts, offset))
+
+        return _run_parts(nearest, flat.size, _kernels.BLOCK)
+    consts = np.array([a, 0.5 * n, _DITHER_SCALE], dtype)
+    key = np.uint64(seed)
+
+    def stochastic(lo: int, hi: int) -> float:
+        return float(_kernels.quantize_stochastic(flat[lo:hi], codes[lo:hi], consts, key, lo))
+
+    return _run_parts(stochastic, flat.size, _kernels.BLOCK)
+
+
+def _quantize_flat_numpy(
+    flat: np.ndarray,
+    codes: np.ndarray,
+    *,
+    a: np.floating,
+    n: int,
+    needs_clip: bool,
+    seed: int | None,
+) -> float:
+    """``_quantize_flat`` in numpy (the fallback without numba), in cache-sized chunks.
+
     u = x * a; level_u = floor(z) + 1/2 with z = clip(u) (+ V for stochastic rounding).
+    Stochastic rounding here uses 16 random bits per element: V = (k + 1/2) 2**-16 - 1/2,
+    k from a numpy SFC64 stream per block of 2**20 elements, seeded from ``seed``.
     """
     dtype = flat.dtype.type
     half = dtype(0.5 * n)
@@ -594,7 +677,8 @@ def _work_array(flat: np.ndarray, s: float, amax: float, n: int) -> tuple[np.nda
     Returns the (possibly converted or power-of-two rescaled) array and the matching s.
     """
     a = 0.5 * n / s
-    if flat.dtype == np.float32 and 1e-30 < a < 1e30 and amax * a < 1e30:
+    # float32 also needs (u - level)**2 finite: |u| <= amax * a < 1e18
+    if flat.dtype == np.float32 and 1e-30 < a < 1e30 and amax * a < 1e18:
         return flat, s
     flat64 = flat.astype(np.float64, copy=False)
     if 1e-290 < a < 1e290 and amax * a < 1e290:

@@ -54,7 +54,8 @@ def quantize_pack_throughput(
     """Rows ``{"method", "mb_per_s", "ratio_vs_torch"}``; the torch reference comes first.
 
     ``x ~ N(0, 1)`` float32 of ``numel`` elements drawn with ``seed``; each method runs
-    once to warm up, then ``repeats`` times (interleaved); MB/s = 4 * numel / 1e6 over
+    once to warm up (this includes fedquant's numba compilation or cache load), then
+    ``repeats`` times (interleaved); MB/s = 4 * numel / 1e6 over
     the median seconds; ``ratio_vs_torch`` = MB/s / reference MB/s.
     """
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1:
@@ -70,7 +71,7 @@ def quantize_pack_throughput(
 
     timings: dict[str, list[float]] = {name: [] for name in methods}
     for run in methods.values():
-        run()  # warm-up (thread pool, allocator, caches)
+        run()  # warm-up (JIT compilation, thread pool, allocator, caches)
     for _ in range(repeats):
         for name, run in methods.items():
             start = time.perf_counter()

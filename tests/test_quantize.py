@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import fedquant.quantize as quantize_module
 from fedquant.quantize import (
     ClipRule,
     QuantizedTensor,
@@ -21,6 +22,16 @@ from fedquant.quantize import (
 from fedquant.throughput import quantize_pack_throughput
 
 ALL_BITS = range(1, 9)
+
+
+@pytest.fixture(params=["numba", "numpy"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on the numba kernels and on the numpy pipeline (the no-numba fallback)."""
+    if request.param == "numpy":
+        monkeypatch.setattr(quantize_module, "_kernels", None)
+    elif quantize_module._kernels is None:
+        pytest.skip("numba is not installed")
+    return str(request.param)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -135,8 +146,10 @@ def test_grid_points_are_exact_nearest(bits: int, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("bits", ALL_BITS)
 def test_grid_points_are_exact_stochastic(bits: int) -> None:
-    # Exact up to the float rounding of n*y: float64 for every width, float32 while
-    # |u| <= 31.5 keeps that rounding below the 2**-17 margin of the 16-bit dither.
+    # Exact up to the float rounding of n*y: a point moved off the grid by d (in steps)
+    # changes code with probability |d|. float64: d ~ 1e-15 for every width; float32
+    # while |u| <= 31.5 keeps d <= 2**-18 (and the numpy pipeline's 16-bit dither keeps
+    # a 2**-17 margin), so no flip is expected among these points.
     s = 0.9
     dtypes = [torch.float64] + ([torch.float32] if bits <= 6 else [])
     for dtype in dtypes:
@@ -210,8 +223,11 @@ def test_mse_matches_on_large_multithreaded_input() -> None:
 # ----------------------------------------------------------------------------- stochastic rounding
 
 
-def test_stochastic_rounding_is_unbiased_and_has_bernoulli_variance() -> None:
-    bits, s, draws = 3, 1.0, 4_000
+@pytest.mark.parametrize("bits", [1, 3, 8])
+def test_stochastic_rounding_is_unbiased_and_has_bernoulli_variance(
+    bits: int, backend: str
+) -> None:
+    s, draws = 1.0, 4_000
     n = 2**bits - 1
     step = 2 * s / n
     x = torch.linspace(-1.3, 1.3, 241, dtype=torch.float64).float()  # includes clipped values
@@ -270,6 +286,100 @@ def test_codes_do_not_depend_on_thread_count() -> None:
         torch.set_num_threads(threads)
     assert torch.equal(one.codes, two.codes)
     assert one.mse == pytest.approx(two.mse, rel=1e-9)
+
+
+def test_stochastic_dither_has_24_bits() -> None:
+    # t = n y = 3 + 2**-18 exactly (float32, a = 1): P(round up) = 2**-18, 32 expected
+    # ups in 2**23 draws. The numpy pipeline's 16-bit dither never rounds up a fraction
+    # below 2**-17 (0 ups: 5.7 standard errors off).
+    if quantize_module._kernels is None:
+        pytest.skip("numba is not installed (the numpy pipeline has a 16-bit dither)")
+    count = 1 << 23
+    frac = 2.0**-18
+    x = torch.full((count,), 3.0 + frac - 7.5)  # u = x, t = u + 7.5
+    assert float(x[0]) + 7.5 == 3.0 + frac
+    q = quantize(x, bits=4, clip=7.5, rounding=Rounding.STOCHASTIC, generator=_gen(23))
+    ups = q.codes.numpy().astype(np.int64) - 3
+    assert set(np.unique(ups).tolist()) <= {0, 1}
+    se = math.sqrt(frac * (1 - frac) / count)
+    assert abs(float(ups.mean()) - frac) <= 4 * se
+
+
+def test_stochastic_codes_are_split_independent_and_seeded() -> None:
+    # Counter-based stream: the codes of a slice do not depend on the rest of the array
+    # (elements keep their index), and different seeds give different codes.
+    x = torch.randn(10_000, generator=_gen(24))
+    kw = {"bits": 2, "clip": 1.0, "rounding": Rounding.STOCHASTIC}
+    a = quantize(x, generator=_gen(5), **kw)  # type: ignore[arg-type]
+    if quantize_module._kernels is not None:  # the numpy pipeline's stream is per block
+        head = quantize(x[:6_001], generator=_gen(5), **kw)  # type: ignore[arg-type]
+        assert torch.equal(head.codes, a.codes[:6_001])
+    b = quantize(x, generator=_gen(6), **kw)  # type: ignore[arg-type]
+    assert not torch.equal(a.codes, b.codes)
+    agree = float((a.codes == b.codes).float().mean())
+    assert 0.5 < agree < 0.95  # only the rounding direction is random
+
+
+ODD_SIZES = [1, 3, 63, 65, 1_023, 4_097, 70_001]
+
+
+def _reference_nearest(x: np.ndarray, bits: int, s: float) -> np.ndarray:
+    """The documented arithmetic in plain numpy: u = x a with a = n / (2 s) in x's dtype,
+    c = floor(clip(u, -n/2, n/2)) + (n + 1)/2 (= floor(n y + 1/2))."""
+    n = 2**bits - 1
+    a = x.dtype.type(0.5 * n / s)
+    u = np.clip(x * a, -0.5 * n, 0.5 * n)
+    return (np.floor(u) + (n + 1) // 2).astype(np.uint8)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("size", ODD_SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_nearest_matches_numpy_reference(bits: int, size: int, dtype: torch.dtype) -> None:
+    x = torch.randn(size, generator=_gen(size + bits), dtype=dtype) * 2  # some |x| > s
+    s = 1.5
+    q = quantize(x, bits=bits, clip=s, rounding=Rounding.NEAREST)
+    assert np.array_equal(q.codes.numpy(), _reference_nearest(x.numpy(), bits, s))
+    assert q.mse == pytest.approx(_mse64(x, q), rel=1e-5)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("clip", [ClipRule.MAX, ClipRule.OCTAV, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernels_match_numpy_pipeline(
+    bits: int, clip: ClipRule | float, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Same clip threshold, same nearest codes, same error as the no-numba fallback.
+    if quantize_module._kernels is None:
+        pytest.skip("numba is not installed")
+    for size in (4_097, 200_003):  # the second one is subsampled by OCTAV
+        x = torch.randn(size, generator=_gen(size + bits), dtype=dtype)
+        fused = quantize(x, bits=bits, clip=clip, rounding=Rounding.NEAREST)
+        with monkeypatch.context() as m:
+            m.setattr(quantize_module, "_kernels", None)
+            plain = quantize(x, bits=bits, clip=clip, rounding=Rounding.NEAREST)
+        assert fused.clip == pytest.approx(plain.clip, rel=1e-12)
+        assert torch.equal(fused.codes, plain.codes)
+        assert fused.mse == pytest.approx(plain.mse, rel=1e-5)  # numpy: float32 dot
+        n = 2**bits - 1
+        x_hat = fused.clip * (2.0 * fused.codes.double() / n - 1.0)  # exact levels
+        assert fused.mse == pytest.approx(float(((x.double() - x_hat) ** 2).mean()), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("size", [1, 63, 64, 65, 100_003])
+def test_max_abs_kernel(dtype: torch.dtype, size: int, backend: str) -> None:
+    x = torch.rand(size, generator=_gen(size), dtype=dtype) * 6 - 3  # |x| < 3
+    x[size // 2] = -3.25  # the maximum magnitude is negative
+    assert clip_threshold(x, bits=4, rule=ClipRule.MAX) == 3.25
+    tiny = torch.full((size,), -0.0, dtype=dtype)
+    tiny[-1] = torch.finfo(dtype).tiny / 4  # subnormal
+    assert clip_threshold(tiny, bits=4, rule=ClipRule.MAX) == float(tiny[-1])
+    for bad in (math.nan, math.inf, -math.inf):
+        y = x.clone()
+        y[-1] = bad
+        with pytest.raises(ValueError, match="`x`"):
+            quantize(y, bits=4, rounding=Rounding.NEAREST)
 
 
 # ----------------------------------------------------------------------------- degenerate inputs
