@@ -144,6 +144,18 @@ def throughput_lines() -> list[str]:
     return lines
 
 
+def collect(out: str | Path) -> list[dict[str, Any]]:
+    """Results of the runs already finished under ``out``/runs (e.g. of an interrupted sweep)."""
+    rows = []
+    for path in sorted(Path(out).glob("runs/*/results.json")):
+        data = json.loads(path.read_text())
+        if data["summary"]["rounds"] < data["config"]["num-server-rounds"]:
+            continue  # unfinished
+        cfg = data["config"]
+        rows.append({**{k: cfg[k] for k in ("partitioning", "bits", "aggregator", "rounding", "seed")}, "out-dir": str(path.parent), **data["summary"]})
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sims.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--partitionings", nargs="+", default=["iid", "dirichlet"])
@@ -156,10 +168,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default="outputs/bench")
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument(
+        "--collect", action="store_true", help="only tabulate the finished runs under --out"
+    )
     args = parser.parse_args(argv)
 
     report: list[str] = []
-    if not args.skip_accuracy:
+    if args.collect:
+        results = collect(args.out)
+        report.append(f"{len(results)} finished runs collected from {args.out}:")
+        for part in args.partitionings:
+            report += ["", *table(results, part, args.bits)]
+        report += ["", "Targets:"] + [t for part in args.partitionings for t in targets(results, part)]
+    elif not args.skip_accuracy:
         todo = cells(args)
         print(f"{len(todo)} runs on {args.jobs} processes ...", file=sys.stderr, flush=True)
         results: list[dict[str, Any]] = []

@@ -140,6 +140,18 @@ def dp_sgd_throughput(*, model_name: str, batch_size: int, steps: int, seed: int
     return lines
 
 
+def collect(out: str | Path) -> list[dict[str, Any]]:
+    """Results of the runs already finished under ``out``/runs (e.g. of an interrupted sweep)."""
+    rows = []
+    for path in sorted(Path(out).glob("runs/*/results.json")):
+        data = json.loads(path.read_text())
+        if data["summary"]["rounds"] < data["config"]["num-server-rounds"]:
+            continue  # unfinished
+        cfg = data["config"]
+        rows.append({**{k: cfg[k] for k in ("dp", "target-epsilon", "quant-policy", "quant-train-ratio", "seed")}, "out-dir": str(path.parent), **data["summary"]})
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sims.bench_private", description=__doc__.split("\n")[0])
     parser.add_argument("--epsilons", nargs="+", type=float, default=[8.0, 4.0])
@@ -154,10 +166,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default="outputs/bench-private")
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument(
+        "--collect", action="store_true", help="only tabulate the finished runs under --out"
+    )
     args = parser.parse_args(argv)
 
     report: list[str] = []
-    if not args.skip_accuracy:
+    if args.collect:
+        results = collect(args.out)
+        report += [f"{len(results)} finished runs collected from {args.out}:", "", *table(results)]
+    elif not args.skip_accuracy:
         todo = cells(args)
         print(f"{len(todo)} runs on {args.jobs} processes ...", file=sys.stderr, flush=True)
         results = []
