@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 AGGREGATORS = ("error-weighted", "fedavg")
+CELL_KEYS = ("partitioning", "bits", "aggregator", "rounding", "seed")
 ROUNDINGS = ("stochastic", "nearest")
 
 
@@ -144,33 +145,54 @@ def throughput_lines() -> list[str]:
     return lines
 
 
-def collect(out: str | Path) -> list[dict[str, Any]]:
+def collect(out: str | Path, keys: Sequence[str] = CELL_KEYS) -> list[dict[str, Any]]:
     """Results of the runs already finished under ``out``/runs (e.g. of an interrupted sweep)."""
     rows = []
     for path in sorted(Path(out).glob("runs/*/results.json")):
         data = json.loads(path.read_text())
         if data["summary"]["rounds"] < data["config"]["num-server-rounds"]:
             continue  # unfinished
-        cfg = data["config"]
-        rows.append({**{k: cfg[k] for k in ("partitioning", "bits", "aggregator", "rounding", "seed")}, "out-dir": str(path.parent), **data["summary"]})
+        cell = {k: data["config"][k] for k in keys}
+        rows.append({**cell, "out-dir": str(path.parent), **data["summary"]})
     return rows
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sims.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--partitionings", nargs="+", default=["iid", "dirichlet"])
-    parser.add_argument("--bits", nargs="+", type=int, default=[1, 2, 4, 8, 32])
+def run_sweep(todo: list[dict[str, Any]], *, jobs: int, out: str | Path) -> list[dict[str, Any]]:
+    """Run every cell on ``jobs`` processes, printing progress; save accuracy.json."""
+    print(f"{len(todo)} runs on {jobs} processes ...", file=sys.stderr, flush=True)
+    results: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        for i, res in enumerate(pool.map(run_cell, todo), 1):
+            results.append(res)
+            name = Path(res["out-dir"]).name
+            print(f"[{i}/{len(todo)}] {name}: accuracy {res['final-accuracy']:.4f}",
+                  file=sys.stderr, flush=True)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "accuracy.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def sweep_parser(prog: str, doc: str, *, rounds: int, local_steps: int, out: str) -> argparse.ArgumentParser:
+    """The options every sweep shares: seeds, rounds, clients, processes, output."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--local-steps", type=int, default=20)
-    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--local-steps", type=int, default=local_steps)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--out", default="outputs/bench")
+    parser.add_argument("--out", default=out)
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument(
         "--collect", action="store_true", help="only tabulate the finished runs under --out"
     )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = sweep_parser("python -m sims.bench", __doc__, rounds=8, local_steps=20, out="outputs/bench")
+    parser.add_argument("--partitionings", nargs="+", default=["iid", "dirichlet"])
+    parser.add_argument("--bits", nargs="+", type=int, default=[1, 2, 4, 8, 32])
+    parser.add_argument("--alpha", type=float, default=0.5)
     args = parser.parse_args(argv)
 
     report: list[str] = []
@@ -181,20 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report += ["", *table(results, part, args.bits)]
         report += ["", "Targets:"] + [t for part in args.partitionings for t in targets(results, part)]
     elif not args.skip_accuracy:
-        todo = cells(args)
-        print(f"{len(todo)} runs on {args.jobs} processes ...", file=sys.stderr, flush=True)
-        results: list[dict[str, Any]] = []
-        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            for i, res in enumerate(pool.map(run_cell, todo), 1):
-                results.append(res)
-                print(
-                    f"[{i}/{len(todo)}] {_cell_name(res['partitioning'], res['bits'], res['aggregator'], res['rounding'], res['seed'])}:"
-                    f" accuracy {res['final-accuracy']:.4f}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "accuracy.json").write_text(json.dumps(results, indent=2))
+        results = run_sweep(cells(args), jobs=args.jobs, out=args.out)
         report.append(
             f"Final test accuracy (%) after {args.rounds} rounds, {args.clients} clients,"
             f" {args.local_steps} local steps of batch 32 per round, seeds {args.seeds}"

@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sims.bench import run_cell
+from sims.bench import collect, run_sweep, sweep_parser
 
 POLICIES = ("static", "random", "dpquant")
+CELL_KEYS = ("dp", "target-epsilon", "quant-policy", "quant-train-ratio", "seed")
 
 
 def cells(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -140,52 +139,23 @@ def dp_sgd_throughput(*, model_name: str, batch_size: int, steps: int, seed: int
     return lines
 
 
-def collect(out: str | Path) -> list[dict[str, Any]]:
-    """Results of the runs already finished under ``out``/runs (e.g. of an interrupted sweep)."""
-    rows = []
-    for path in sorted(Path(out).glob("runs/*/results.json")):
-        data = json.loads(path.read_text())
-        if data["summary"]["rounds"] < data["config"]["num-server-rounds"]:
-            continue  # unfinished
-        cfg = data["config"]
-        rows.append({**{k: cfg[k] for k in ("dp", "target-epsilon", "quant-policy", "quant-train-ratio", "seed")}, "out-dir": str(path.parent), **data["summary"]})
-    return rows
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sims.bench_private", description=__doc__.split("\n")[0])
+    parser = sweep_parser(
+        "python -m sims.bench_private", __doc__, rounds=3, local_steps=10, out="outputs/bench-private"
+    )
     parser.add_argument("--epsilons", nargs="+", type=float, default=[8.0, 4.0])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.9])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--model", default="cnn")
     parser.add_argument("--format", default="fp4")
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--out", default="outputs/bench-private")
-    parser.add_argument("--skip-accuracy", action="store_true")
-    parser.add_argument(
-        "--collect", action="store_true", help="only tabulate the finished runs under --out"
-    )
     args = parser.parse_args(argv)
 
     report: list[str] = []
     if args.collect:
-        results = collect(args.out)
+        results = collect(args.out, CELL_KEYS)
         report += [f"{len(results)} finished runs collected from {args.out}:", "", *table(results)]
     elif not args.skip_accuracy:
-        todo = cells(args)
-        print(f"{len(todo)} runs on {args.jobs} processes ...", file=sys.stderr, flush=True)
-        results = []
-        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            for i, res in enumerate(pool.map(run_cell, todo), 1):
-                results.append(res)
-                print(f"[{i}/{len(todo)}] {Path(res['out-dir']).name}: accuracy"
-                      f" {res['final-accuracy']:.4f}", file=sys.stderr, flush=True)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "accuracy.json").write_text(json.dumps(results, indent=2))
+        results = run_sweep(cells(args), jobs=args.jobs, out=args.out)
         report.append(
             f"Final test accuracy after {args.rounds} rounds, {args.clients} clients,"
             f" {args.local_steps} local steps of batch {args.batch_size}, model {args.model},"
