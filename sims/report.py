@@ -20,6 +20,7 @@ COLUMNS = (
     "failed",
     "budget-exhausted",
     "epsilon-max",
+    "epsilon-clients",
     "speedup",
     "quantized-layer-fraction",
     "uplink-bytes",

@@ -90,7 +90,8 @@ def run(grid: Grid, cfg: RunConfig, strategy: QuantizedStrategy) -> RunReport:
             layers = row["quantized-layer-fraction"] or []
             _progress(
                 "round %2d: accuracy %.4f | uplink %s B vs float32 %s B (x%.1f smaller)"
-                " | mse mean %.2e | epsilon max %.3f | quantized layers %s | speedup x%.2f"
+                " | mse mean %.2e | epsilon max %.3f (clients %s) | quantized layers %s"
+                " | speedup x%.2f"
                 " | accepted %d, rejected %d, failed %d, budget-exhausted %d",
                 server_round,
                 accuracy,
@@ -99,6 +100,7 @@ def run(grid: Grid, cfg: RunConfig, strategy: QuantizedStrategy) -> RunReport:
                 row["compression"] or 0.0,
                 row["mse-mean"] or 0.0,
                 row["epsilon-max"] or 0.0,
+                " ".join(f"{e:.2f}" for e in row["epsilon-clients"] or []) or "-",
                 "[" + " ".join(f"{f:.2f}" for f in layers) + "]",
                 row["speedup"] or 1.0,
                 row["accepted"] or 0,

@@ -285,6 +285,8 @@ class QuantizedStrategy(Strategy):
                 "failed": failed,
                 "budget-exhausted": exhausted,
                 "epsilon-max": max(epsilons, default=0.0),
+                # Every client's cumulative epsilon so far, ordered by node id.
+                "epsilon-clients": [e for _, e in sorted(self.epsilon_by_node.items())],
                 "epsilon-max-run": self.max_epsilon,
                 "speedup": float(np.mean([r.speedup for r in accepted])) if accepted else 1.0,
                 "quantized-layer-fraction": layer_fraction,
