@@ -157,10 +157,28 @@ def collect(out: str | Path, keys: Sequence[str] = CELL_KEYS) -> list[dict[str, 
     return rows
 
 
+def _finished(cell: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary of a cell whose run already completed with the same config, if any."""
+    path = Path(cell["out-dir"]) / "results.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    same = all(data["config"].get(k) == v for k, v in cell.items() if k != "out-dir")
+    if not same or data["summary"]["rounds"] < cell["num-server-rounds"]:
+        return None
+    return {**cell, **data["summary"]}
+
+
 def run_sweep(todo: list[dict[str, Any]], *, jobs: int, out: str | Path) -> list[dict[str, Any]]:
-    """Run every cell on ``jobs`` processes, printing progress; save accuracy.json."""
-    print(f"{len(todo)} runs on {jobs} processes ...", file=sys.stderr, flush=True)
-    results: list[dict[str, Any]] = []
+    """Run every cell on ``jobs`` processes, printing progress; save accuracy.json.
+
+    Cells whose run already finished under the same config (an interrupted sweep)
+    are reused, not run again.
+    """
+    results = [r for r in map(_finished, todo) if r is not None]
+    todo = [c for c in todo if _finished(c) is None]
+    print(f"{len(todo)} runs on {jobs} processes ({len(results)} reused) ...",
+          file=sys.stderr, flush=True)
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         for i, res in enumerate(pool.map(run_cell, todo), 1):
             results.append(res)
