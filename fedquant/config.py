@@ -58,7 +58,7 @@ class RunConfig:
     fraction_train: float = 1.0
     min_train_nodes: int = 1
     local_epochs: int = 1
-    local_steps: int = 25
+    local_steps: int = 20
     batch_size: int = 64
     lr: float = 0.05
     momentum: float = 0.9

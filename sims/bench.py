@@ -137,8 +137,13 @@ def targets(results: list[dict[str, Any]], partitioning: str) -> list[str]:
 
 
 def throughput_lines() -> list[str]:
+    import torch
+
     from fedquant.throughput import quantize_pack_throughput
 
+    # One thread for both sides: torch's OpenMP pool stalls on a loaded 2-core machine,
+    # which would flatter fedquant's ratio.
+    torch.set_num_threads(1)
     rows = quantize_pack_throughput()
     lines = ["| method | MB/s (float32 in) | vs torch.quantize_per_tensor |", "|---|---|---|"]
     lines += [f"| {r['method']} | {r['mb_per_s']:.0f} | {r['ratio_vs_torch']:.2f} |" for r in rows]
@@ -230,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for part in args.partitionings:
             report += ["", *table(results, part, args.bits)]
         report += ["", "Targets:"] + [t for part in args.partitionings for t in targets(results, part)]
-    report += ["", "Quantize + pack throughput, 4 bits, 4M float32 elements:", *throughput_lines()]
+    report += ["", "Quantize + pack throughput, 4 bits, 4M float32 elements, 1 thread:", *throughput_lines()]
     text = "\n".join(report)
     print(text)
     Path(args.out).mkdir(parents=True, exist_ok=True)
