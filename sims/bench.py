@@ -43,6 +43,10 @@ def cells(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "aggregator": agg,
                 "rounding": rounding,
                 "seed": seed,
+                # Communication only: plain local SGD (private training has its own sweep).
+                "dp": False,
+                "quant-policy": "none",
+                "batch-size": 32,
                 "num-server-rounds": args.rounds,
                 "num-supernodes": args.clients,
                 "local-steps": args.local_steps,
