@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedquant-installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test bench bench-private clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,11 +25,11 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-test-all: install
-	$(PY) -m pytest -q -m "slow or not slow"
-
 bench: install
 	$(PY) -m sims.bench
+
+bench-private: install
+	$(PY) -m sims.bench_private
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .hypothesis
