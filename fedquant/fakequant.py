@@ -173,6 +173,14 @@ class _QuantMixin:
     act_scale: ActScale
     act_clip: float
 
+    def _init_quant(
+        self, quant_format: QuantFormat | None, act_scale: ActScale, act_clip: float
+    ) -> None:
+        _check_quant_args(quant_format, act_scale, act_clip)
+        self.quant_format = quant_format
+        self.act_scale = act_scale
+        self.act_clip = act_clip
+
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         """q(x) without STE, with the layer's current format and scale (grad samplers)."""
         if self.quant_format is None:
@@ -216,11 +224,8 @@ class QLinear(_QuantMixin, nn.Linear):
         act_scale: ActScale = ActScale.PER_SAMPLE,
         act_clip: float = DEFAULT_ACT_CLIP,
     ) -> None:
-        _check_quant_args(quant_format, act_scale, act_clip)
         super().__init__(in_features, out_features, bias, device, dtype)
-        self.quant_format = quant_format
-        self.act_scale = act_scale
-        self.act_clip = act_clip
+        self._init_quant(quant_format, act_scale, act_clip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_format is None:
@@ -252,7 +257,6 @@ class QConv2d(_QuantMixin, nn.Conv2d):
         act_scale: ActScale = ActScale.PER_SAMPLE,
         act_clip: float = DEFAULT_ACT_CLIP,
     ) -> None:
-        _check_quant_args(quant_format, act_scale, act_clip)
         super().__init__(
             in_channels,
             out_channels,
@@ -266,9 +270,7 @@ class QConv2d(_QuantMixin, nn.Conv2d):
             device,
             dtype,
         )
-        self.quant_format = quant_format
-        self.act_scale = act_scale
-        self.act_clip = act_clip
+        self._init_quant(quant_format, act_scale, act_clip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_format is None:

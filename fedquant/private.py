@@ -103,18 +103,26 @@ def epochs_per_round(plan: RoundPlan) -> int:
     return min(plan.epochs, math.ceil(plan.steps / plan.steps_per_epoch))
 
 
+def estimator_queries(
+    plan: RoundPlan, *, rounds: int, quant: QuantSettings | None, epochs_before: int = 0
+) -> list[MechanismStep]:
+    """DPQuant's sensitivity estimates in ``rounds`` rounds (none for other policies)."""
+    if quant is None or quant.policy is not QuantPolicy.DPQUANT or not rounds:
+        return []
+    calls = estimator_calls(
+        epochs_before=epochs_before, epochs=epochs_per_round(plan) * rounds, period=quant.period
+    )
+    return [MechanismStep(quant.estimator_noise, quant.estimator_rate, calls)] if calls else []
+
+
 def planned_mechanisms(
     plan: RoundPlan, *, rounds: int, noise: float, quant: QuantSettings | None, epochs_before: int = 0
 ) -> list[MechanismStep]:
     """Every SGM application of ``rounds`` rounds: training steps and estimator queries."""
-    steps = [MechanismStep(noise, plan.sample_rate, plan.steps * rounds)] if rounds else []
-    if quant is not None and quant.policy is QuantPolicy.DPQUANT and rounds:
-        calls = estimator_calls(
-            epochs_before=epochs_before, epochs=epochs_per_round(plan) * rounds, period=quant.period
-        )
-        if calls:
-            steps.append(MechanismStep(quant.estimator_noise, quant.estimator_rate, calls))
-    return steps
+    training = [MechanismStep(noise, plan.sample_rate, plan.steps * rounds)] if rounds else []
+    return training + estimator_queries(
+        plan, rounds=rounds, quant=quant, epochs_before=epochs_before
+    )
 
 
 def calibrate_client_noise(
@@ -124,13 +132,12 @@ def calibrate_client_noise(
 
     Raises ValueError (from ``calibrate_noise``) when no allowed σ can meet it.
     """
-    extra = [m for m in planned_mechanisms(plan, rounds=rounds, noise=1.0, quant=quant)[1:]]
     return calibrate_noise(
         target_epsilon=dp.target_epsilon,
         delta=dp.target_delta,
         sample_rate=plan.sample_rate,
         steps=plan.steps * rounds,
-        extra=extra,
+        extra=estimator_queries(plan, rounds=rounds, quant=quant),
     )
 
 
@@ -265,7 +272,7 @@ def train_round(
             )
         )
     set_quantized(model, [], None)
-    if private and engine is not None and ledger is not None:
+    if engine is not None and ledger is not None:
         for noise, rate, steps in engine.accountant.history:
             ledger.record(noise_multiplier=noise, sample_rate=rate, steps=steps)
     if private and hasattr(trained, "_close"):

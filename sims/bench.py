@@ -184,8 +184,9 @@ def run_sweep(todo: list[dict[str, Any]], *, jobs: int, out: str | Path) -> list
     Cells whose run already finished under the same config (an interrupted sweep)
     are reused, not run again.
     """
-    results = [r for r in map(_finished, todo) if r is not None]
-    todo = [c for c in todo if _finished(c) is None]
+    done = [(cell, _finished(cell)) for cell in todo]
+    results = [r for _, r in done if r is not None]
+    todo = [cell for cell, r in done if r is None]
     print(f"{len(todo)} runs on {jobs} processes ({len(results)} reused) ...",
           file=sys.stderr, flush=True)
     with ProcessPoolExecutor(max_workers=jobs) as pool:
@@ -197,6 +198,14 @@ def run_sweep(todo: list[dict[str, Any]], *, jobs: int, out: str | Path) -> list
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "accuracy.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def write_report(lines: Sequence[str], out: str | Path) -> None:
+    """Print the report and keep it as ``out``/bench.md."""
+    text = "\n".join(lines)
+    print(text)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "bench.md").write_text(text + "\n")
 
 
 def sweep_parser(prog: str, doc: str, *, rounds: int, local_steps: int, out: str) -> argparse.ArgumentParser:
@@ -240,10 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report += ["", *table(results, part, args.bits)]
         report += ["", "Targets:"] + [t for part in args.partitionings for t in targets(results, part)]
     report += ["", "Quantize + pack throughput, 4 bits, 4M float32 elements, 1 thread:", *throughput_lines()]
-    text = "\n".join(report)
-    print(text)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "bench.md").write_text(text + "\n")
+    write_report(report, args.out)
     return 0
 
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sims.bench import collect, run_sweep, sweep_parser
+from sims.bench import collect, run_sweep, sweep_parser, write_report
 
 POLICIES = ("static", "random", "dpquant")
 CELL_KEYS = ("dp", "target-epsilon", "quant-policy", "quant-train-ratio", "seed")
@@ -163,10 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         report += ["", *table(results)]
     report += ["", *dp_sgd_throughput(model_name=args.model, batch_size=args.batch_size, steps=40)]
-    text = "\n".join(report)
-    print(text)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "bench.md").write_text(text + "\n")
+    write_report(report, args.out)
     return 0
 
 
