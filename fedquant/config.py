@@ -76,6 +76,18 @@ class RunConfig:
     out_dir: str = "outputs"
     round_timeout: float = 600.0
     eval_every: int = 1
+    # Faults and hostile replies: fewer accepted replies than min_replies leave the
+    # model unchanged; an update whose L2 norm exceeds update_norm_factor x the median
+    # update norm of its round is scaled down to that bound (0 disables the bound);
+    # trim_ratio is the fraction cut from each end by the trimmed-mean rule.
+    min_replies: int = 1
+    update_norm_factor: float = 10.0
+    trim_ratio: float = 0.1
+    # Checkpoints: resume continues from the last complete round in out_dir. Client
+    # privacy/DPQuant state goes to client_state_dir/<partition-id> when set (a
+    # deployed SuperNode's node config "state-dir" takes precedence).
+    resume: bool = False
+    client_state_dir: str = ""
     # Sample-level DP-SGD (Opacus): (ε, δ) for each client over the whole run.
     dp: bool = True
     target_epsilon: float = 8.0
@@ -103,6 +115,7 @@ class RunConfig:
         _positive_int(self, "batch_size")
         _positive_int(self, "eval_every")
         _positive_int(self, "dpquant_period")
+        _positive_int(self, "min_replies")
         for name in ("target_epsilon", "max_grad_norm", "dpquant_beta", "dpquant_clip",
                      "dpquant_noise", "low_precision_speedup"):
             if not getattr(self, name) > 0.0:
@@ -122,6 +135,12 @@ class RunConfig:
         for name in ("lr", "mse_floor", "max_clip", "dirichlet_alpha", "round_timeout"):
             if not getattr(self, name) > 0.0:
                 raise ConfigError(_key(name), getattr(self, name), "must be > 0")
+        if not (self.update_norm_factor == 0.0 or self.update_norm_factor >= 1.0):
+            raise ConfigError(
+                "update-norm-factor", self.update_norm_factor, "must be 0 (off) or >= 1"
+            )
+        if not 0.0 <= self.trim_ratio < 0.5:
+            raise ConfigError("trim-ratio", self.trim_ratio, "must be in [0, 0.5)")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError("momentum", self.momentum, "must be in [0, 1)")
         if not (1 <= self.bits <= 8 or self.bits == UNQUANTIZED_BITS):
