@@ -15,13 +15,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +27,10 @@ import tomli
 from flwr.common.config import parse_config_args
 
 from fedquant.config import ConfigError, RunConfig
+from sims.procs import flower_env, free_port, stop_process_group, wait_for_port
 
 APP_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "fedquant-sim"
-STARTUP_TIMEOUT_S = 60.0
 
 
 def default_run_config() -> dict[str, Any]:
@@ -63,41 +59,6 @@ def resolve_run_config(overrides: Sequence[str]) -> tuple[RunConfig, dict[str, A
     validate_privacy_plan(cfg)  # an unreachable (epsilon, delta) target stops here
     parsed["out-dir"] = str(Path(cfg.out_dir).expanduser().resolve())
     return cfg, parsed
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for Flower processes: private home, no telemetry, no installs."""
-    env = dict(os.environ)
-    env.update(
-        FLWR_HOME=str(flwr_home),
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        HF_DATASETS_OFFLINE="1",
-    )
-    bin_dir = str(Path(sys.executable).parent)  # the venv's flwr, flower-superlink
-    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
-    return env
-
-
-def stop_process_group(proc: subprocess.Popen[Any], *, grace_s: float = 10.0) -> None:
-    """SIGTERM the process group led by ``proc`` (by its PID), then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=grace_s)
 
 
 @dataclass
@@ -140,21 +101,10 @@ def simulation_superlink(workdir: Path) -> Iterator[LocalSuperLink]:
             command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        _wait_for_port("127.0.0.1", port, process, log_file)
+        wait_for_port("127.0.0.1", port, process, log_file)
         yield LocalSuperLink(process, address, flwr_home, env)
     finally:
         stop_process_group(process)
-
-
-def _wait_for_port(host: str, port: int, process: subprocess.Popen[Any], log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with {process.returncode}; see {log}")
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"flower-superlink did not listen on {host}:{port}; see {log}")
 
 
 def _toml_value(value: Any) -> str:
