@@ -8,6 +8,10 @@ in low precision each epoch — then upload the quantized update Δ = w_local �
 Privacy state lives in the node's ``Context.state`` and persists across rounds: the
 ledger of every mechanism application (so ε is cumulative), the noise multiplier
 calibrated once for the whole run, and DPQuant's sensitivity EMA and epoch counter.
+With a state directory (node config ``state-dir`` in deployment, run config
+``client-state-dir`` in simulation) the same records are also written to disk,
+atomically, before the reply leaves the node, and read back on every round: a
+SuperNode killed and restarted goes on from the ε it had spent.
 A client whose next round would exceed its (ε, δ) budget does not train; it replies
 with a ``budget-exhausted`` status instead of an update.
 """
@@ -15,6 +19,7 @@ with a ``budget-exhausted`` status instead of an update.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -26,6 +31,7 @@ from fedquant.data import Split, load_partition
 from fedquant.dpquant import LayerScheduler, QuantPolicy
 from fedquant.fakequant import quantizable_layers
 from fedquant.models import build_model
+from fedquant.node_state import NodeStateStore
 from fedquant.payload import encode_update
 from fedquant.private import (
     DPSettings,
@@ -43,6 +49,7 @@ METRICS_KEY = "metrics"
 # Node state records (Context.state) that persist across rounds.
 PRIVACY_STATE = "fedquant.privacy"
 SCHEDULER_STATE = "fedquant.dpquant"
+PERSISTED_STATE = (PRIVACY_STATE, SCHEDULER_STATE)
 
 app = ClientApp()
 
@@ -65,6 +72,19 @@ def node_partition(context: Context, cfg: RunConfig) -> tuple[int, Split]:
         seed=cfg.seed,
     )
     return partition_id, data
+
+
+def node_state_store(context: Context, cfg: RunConfig, partition_id: int) -> NodeStateStore | None:
+    """Where this node persists its privacy state, or None to keep it in memory only.
+
+    A deployed SuperNode names its own directory (node config ``state-dir``); in
+    simulation every partition gets ``client-state-dir/partition-<id>``.
+    """
+    if node_dir := context.node_config.get("state-dir"):
+        return NodeStateStore(str(node_dir))
+    if cfg.client_state_dir:
+        return NodeStateStore(Path(cfg.client_state_dir) / f"partition-{partition_id}")
+    return None
 
 
 def quant_settings(cfg: RunConfig) -> QuantSettings | None:
@@ -110,6 +130,11 @@ def train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flower(context.run_config)
     server_round = int(msg.content[CONFIG_KEY]["server-round"])
     partition_id, data = node_partition(context, cfg)
+    store = node_state_store(context, cfg, partition_id)
+    if store is not None and (saved := store.load()) is not None:
+        for name in PERSISTED_STATE:
+            if name in saved:
+                context.state[name] = ConfigRecord(saved[name])
     generator = torch.Generator().manual_seed(node_seed(cfg.seed, server_round, partition_id))
 
     global_state = msg.content[ARRAYS_KEY].to_torch_state_dict()
@@ -181,6 +206,9 @@ def train(msg: Message, context: Context) -> Message:
         )
         metrics["epsilon"] = ledger.epsilon(delta=dp.target_delta)
         metrics["noise-multiplier"] = noise
+    if store is not None:
+        # Saved before the reply exists: a crash after this point over-counts, never under.
+        store.save({name: dict(context.state[name]) for name in PERSISTED_STATE if name in context.state})
 
     local_state = model.state_dict()
     if cfg.payload is PayloadMode.UPDATE:
