@@ -18,6 +18,9 @@ COLUMNS = (
     "accepted",
     "rejected",
     "failed",
+    "missing",
+    "skipped",
+    "norm-clipped",
     "budget-exhausted",
     "epsilon-max",
     "epsilon-clients",
@@ -80,6 +83,9 @@ class RunReport:
             ),
             "rejected-replies": sum(r["rejected"] or 0 for r in self.rows),
             "failed-replies": sum(r["failed"] or 0 for r in self.rows),
+            "missing-replies": sum(r["missing"] or 0 for r in self.rows),
+            "skipped-rounds": sum(r["skipped"] or 0 for r in self.rows),
+            "norm-clipped-replies": sum(r["norm-clipped"] or 0 for r in self.rows),
         }
 
     def write(self) -> None:

@@ -3,24 +3,28 @@
 Validates the run config before any client is contacted, then runs the quantized
 strategy for ``num-server-rounds`` rounds with central evaluation on the held-out
 MNIST test split, printing one progress line per round and writing ``results.json``,
-``rounds.csv`` and ``rounds.png`` to ``out-dir``.
+``rounds.csv``, ``rounds.png`` and a checkpoint (``sims.checkpoint``) to ``out-dir``
+after every round; ``resume=true`` continues from the last complete round.
 """
 
 from __future__ import annotations
 
 import logging
-from logging import INFO
+import random
+import time
+from logging import INFO, WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from clients.client_app import dp_settings, quant_settings
+from clients.client_app import dp_settings, node_seed, quant_settings
 from fedquant.config import ConfigError, RunConfig
 from fedquant.data import load_mnist, partition_indices
 from fedquant.private import calibrate_client_noise, round_plan
 from fedquant.models import build_model, evaluate
+from sims.checkpoint import Checkpoint, check_same_experiment, load_checkpoint, save_checkpoint
 from sims.report import RunReport
 from strategies.quantized import QuantizedStrategy, strategy_from_config
 
@@ -68,62 +72,68 @@ def validate_privacy_plan(cfg: RunConfig) -> None:
 
 
 def run(grid: Grid, cfg: RunConfig, strategy: QuantizedStrategy) -> RunReport:
-    """Run the rounds and write the report; returns it."""
+    """Run the rounds (from the last checkpoint if ``resume``) and write the report.
+
+    Each round: wait (at most ``round-timeout``) for the SuperNodes to be online, send
+    the training instructions, aggregate the replies that arrive within
+    ``round-timeout``, evaluate centrally, and write the checkpoint.
+    """
     torch.set_num_threads(1)
     test = load_mnist().test
     model = build_model(cfg.model, seed=cfg.seed)
     report = RunReport(cfg.out_dir, cfg.to_flower())
-
-    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        last = server_round == cfg.num_server_rounds
-        if server_round % cfg.eval_every and not last:
-            report.add_round({**strategy.round_metrics.get(server_round, {}), "round": server_round})
-            return None
+    arrays = ArrayRecord(model.state_dict())
+    first_round = 1
+    checkpoint = load_checkpoint(cfg.out_dir) if cfg.resume else None
+    if checkpoint is not None:
+        check_same_experiment(checkpoint, cfg.to_flower())
+        arrays = ArrayRecord({k: Array(v) for k, v in checkpoint.arrays.items()})
+        report.initial = dict(checkpoint.report["initial"])
+        report.rows = list(checkpoint.report["rows"])
+        strategy.load_state(checkpoint.strategy)
+        first_round = checkpoint.server_round + 1
+        _progress("resuming after round %d from %s", checkpoint.server_round, cfg.out_dir)
+    else:
+        if cfg.resume:
+            _progress("no checkpoint in %s: starting from round 1", cfg.out_dir)
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = evaluate(model, test)
-        if server_round == 0:
-            report.initial = {"accuracy": accuracy, "loss": loss}
-            _progress("round  0: accuracy %.4f (initial model)", accuracy)
-        else:
-            train = dict(strategy.round_metrics.get(server_round, {}))
-            row = report.add_round({**train, "round": server_round, "accuracy": accuracy, "loss": loss})
-            layers = row["quantized-layer-fraction"] or []
-            _progress(
-                "round %2d: accuracy %.4f | uplink %s B vs float32 %s B (x%.1f smaller)"
-                " | mse mean %.2e | epsilon max %.3f (clients %s) | quantized layers %s"
-                " | speedup x%.2f"
-                " | accepted %d, rejected %d, failed %d, budget-exhausted %d",
-                server_round,
-                accuracy,
-                f"{row['uplink-bytes'] or 0:,}",
-                f"{row['uplink-float32-bytes'] or 0:,}",
-                row["compression"] or 0.0,
-                row["mse-mean"] or 0.0,
-                row["epsilon-max"] or 0.0,
-                " ".join(f"{e:.2f}" for e in row["epsilon-clients"] or []) or "-",
-                "[" + " ".join(f"{f:.2f}" for f in layers) + "]",
-                row["speedup"] or 1.0,
-                row["accepted"] or 0,
-                row["rejected"] or 0,
-                row["failed"] or 0,
-                row["budget-exhausted"] or 0,
-            )
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
+        report.initial = {"accuracy": accuracy, "loss": loss}
+        _progress("round  0: accuracy %.4f (initial model)", accuracy)
+    strategy.summary()
 
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=cfg.num_server_rounds,
-        timeout=cfg.round_timeout,
-        train_config=ConfigRecord({}),
-        evaluate_fn=central_evaluate,
-    )
+    for server_round in range(first_round, cfg.num_server_rounds + 1):
+        wait_for_nodes(grid, cfg.num_supernodes, timeout=cfg.round_timeout)
+        # Flower's strategies sample with `random`: seeding it per round makes a
+        # resumed run sample the nodes an uninterrupted one would have.
+        random.seed(node_seed(cfg.seed, server_round))
+        messages = strategy.configure_train(server_round, arrays, ConfigRecord({}), grid)
+        replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
+        new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        row: dict[str, object] = {**(metrics or {}), "round": server_round}
+        if server_round % cfg.eval_every == 0 or server_round == cfg.num_server_rounds:
+            model.load_state_dict(arrays.to_torch_state_dict())
+            row["loss"], row["accuracy"] = evaluate(model, test)
+        _progress_round(report.add_round(row))
+        save_checkpoint(
+            cfg.out_dir,
+            Checkpoint(
+                server_round=server_round,
+                arrays={k: v.numpy() for k, v in arrays.items()},
+                config=cfg.to_flower(),
+                report={"initial": report.initial, "rows": report.rows},
+                strategy=strategy.state(),
+            ),
+        )
+
     plot = report.plot()
     s = report.summary()
     _progress(
         "summary: final accuracy %.4f | max epsilon %.3f | mean speedup x%.2f | total uplink %s B"
-        " vs float32 %s B | compression x%.2f (%.4f of float32) | rejected %d, failed %d"
-        " | results in %s (plot %s)",
+        " vs float32 %s B | compression x%.2f (%.4f of float32) | rejected %d, failed %d,"
+        " missing %d, skipped rounds %d | results in %s (plot %s)",
         s["final-accuracy"] or 0.0,
         s["max-epsilon"],
         s["mean-speedup"] or 1.0,
@@ -133,10 +143,55 @@ def run(grid: Grid, cfg: RunConfig, strategy: QuantizedStrategy) -> RunReport:
         s["uplink-fraction-of-float32"] or 0.0,
         s["rejected-replies"],
         s["failed-replies"],
+        s["missing-replies"],
+        s["skipped-rounds"],
         report.out_dir,
         plot.name,
     )
     return report
+
+
+def wait_for_nodes(grid: Grid, wanted: int, *, timeout: float) -> int:
+    """Wait until ``wanted`` nodes are online, or ``timeout`` seconds; return how many are.
+
+    A dead SuperNode must not hang the run: after the timeout the round goes on with
+    the nodes that are online (the strategy's minimums decide whether that suffices).
+    """
+    deadline = time.monotonic() + timeout
+    while (online := len(list(grid.get_node_ids()))) < wanted and time.monotonic() < deadline:
+        time.sleep(1.0)
+    if online < wanted:
+        log(WARNING, "[fedquant] %d of %d nodes online after %.0f s; going on with them",
+            online, wanted, timeout)
+    return online
+
+
+def _progress_round(row: dict[str, object]) -> None:
+    layers = row["quantized-layer-fraction"] or []
+    accuracy = row["accuracy"]
+    _progress(
+        "round %2d: accuracy %s | uplink %s B vs float32 %s B (x%.1f smaller)"
+        " | mse mean %.2e | epsilon max %.3f (clients %s) | quantized layers %s"
+        " | speedup x%.2f | accepted %d, rejected %d, failed %d, missing %d,"
+        " budget-exhausted %d, norm-clipped %d%s",
+        row["round"],
+        "-" if accuracy is None else f"{accuracy:.4f}",
+        f"{row['uplink-bytes'] or 0:,}",
+        f"{row['uplink-float32-bytes'] or 0:,}",
+        row["compression"] or 0.0,
+        row["mse-mean"] or 0.0,
+        row["epsilon-max"] or 0.0,
+        " ".join(f"{e:.2f}" for e in row["epsilon-clients"] or []) or "-",  # type: ignore[union-attr]
+        "[" + " ".join(f"{f:.2f}" for f in layers) + "]",  # type: ignore[union-attr]
+        row["speedup"] or 1.0,
+        row["accepted"] or 0,
+        row["rejected"] or 0,
+        row["failed"] or 0,
+        row["missing"] or 0,
+        row["budget-exhausted"] or 0,
+        row["norm-clipped"] or 0,
+        " | SKIPPED: too few replies, model unchanged" if row["skipped"] else "",
+    )
 
 
 def _progress(fmt: str, *args: object) -> None:
