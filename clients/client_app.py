@@ -19,6 +19,7 @@ with a ``budget-exhausted`` status instead of an update.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -74,7 +75,9 @@ def node_partition(context: Context, cfg: RunConfig) -> tuple[int, Split]:
     return partition_id, data
 
 
-def node_state_store(context: Context, cfg: RunConfig, partition_id: int) -> NodeStateStore | None:
+def node_state_store(
+    context: Context, cfg: RunConfig, partition_id: int
+) -> NodeStateStore | None:
     """Where this node persists its privacy state, or None to keep it in memory only.
 
     A deployed SuperNode names its own directory (node config ``state-dir``); in
@@ -123,9 +126,43 @@ def load_scheduler(state: RecordDict, *, n_layers: int, quant: QuantSettings, se
     )
 
 
+@dataclass
+class LocalRound:
+    """One round of local training: the weights before and after, and its metrics.
+
+    ``exhausted_epsilon`` is set (and nothing trained) when the round would have
+    exceeded the node's privacy budget.
+    """
+
+    cfg: RunConfig
+    server_round: int
+    global_state: dict[str, torch.Tensor]
+    local_state: dict[str, torch.Tensor]
+    metrics: dict[str, int | float | list[int]]
+    generator: torch.Generator
+    exhausted_epsilon: float | None = None
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train on the local partition and reply with the quantized update."""
+    result = local_train(msg, context)
+    if result.exhausted_epsilon is not None:
+        return _budget_exhausted(msg, result.server_round, result.exhausted_epsilon)
+    cfg, global_state, local_state = result.cfg, result.global_state, result.local_state
+    if cfg.payload is PayloadMode.UPDATE:
+        tensors = {k: local_state[k] - global_state[k] for k in global_state}
+    else:
+        tensors = dict(local_state)
+    content = encode_update(
+        tensors, bits=cfg.bits, clip=cfg.clip, rounding=cfg.rounding, generator=result.generator
+    )
+    content[METRICS_KEY] = MetricRecord(result.metrics)
+    return Message(content=content, reply_to=msg)
+
+
+def local_train(msg: Message, context: Context) -> LocalRound:
+    """Load the global weights, train on this node's partition, update its state."""
     torch.set_num_threads(1)  # one simulated client per core; faster than 2 here
     cfg = RunConfig.from_flower(context.run_config)
     server_round = int(msg.content[CONFIG_KEY]["server-round"])
@@ -173,7 +210,10 @@ def train(msg: Message, context: Context) -> Message:
             epochs_before=scheduler.epochs_done if scheduler else 0,
         )
         if ledger.epsilon_if(*this_round, delta=dp.target_delta) > dp.target_epsilon:
-            return _budget_exhausted(msg, server_round, ledger.epsilon(delta=dp.target_delta))
+            return LocalRound(
+                cfg, server_round, global_state, global_state, {}, generator,
+                exhausted_epsilon=ledger.epsilon(delta=dp.target_delta),
+            )
 
     stats = train_round(
         model,
@@ -208,18 +248,10 @@ def train(msg: Message, context: Context) -> Message:
         metrics["noise-multiplier"] = noise
     if store is not None:
         # Saved before the reply exists: a crash after this point over-counts, never under.
-        store.save({name: dict(context.state[name]) for name in PERSISTED_STATE if name in context.state})
-
-    local_state = model.state_dict()
-    if cfg.payload is PayloadMode.UPDATE:
-        tensors = {k: local_state[k] - global_state[k] for k in global_state}
-    else:
-        tensors = dict(local_state)
-    content = encode_update(
-        tensors, bits=cfg.bits, clip=cfg.clip, rounding=cfg.rounding, generator=generator
-    )
-    content[METRICS_KEY] = MetricRecord(metrics)
-    return Message(content=content, reply_to=msg)
+        store.save(
+            {name: dict(context.state[name]) for name in PERSISTED_STATE if name in context.state}
+        )
+    return LocalRound(cfg, server_round, global_state, model.state_dict(), metrics, generator)
 
 
 def _budget_exhausted(msg: Message, server_round: int, epsilon: float) -> Message:
