@@ -22,10 +22,14 @@ __all__ = [
     "RULES",
     "AggregationRule",
     "ErrorWeighted",
+    "TrimmedMean",
     "aggregate_tensors",
+    "coordinate_median",
+    "norm_clip_scales",
     "plain_mean",
     "resolve_rule",
     "sample_weighted",
+    "update_norm",
 ]
 
 
@@ -128,10 +132,59 @@ def plain_mean(values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray)
     return _weighted_sum(values, np.full(k, 1.0 / k))
 
 
+def coordinate_median(
+    values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray
+) -> np.ndarray:
+    """Coordinate-wise median ``w[j] = median_i w_i[j]`` (Yin et al. 2018,
+    "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates",
+    Definition 1). With even K it is the mean of the two middle values.
+
+    Robust while fewer than half of the clients are hostile, at the price of
+    ignoring ``mse`` and ``num_examples``: every client counts as one vote.
+    """
+    values = np.asarray(values)
+    _check_stack(values)
+    return np.median(values.astype(np.float64, copy=False), axis=0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class TrimmedMean:
+    """Coordinate-wise trimmed mean (Yin et al. 2018, "Byzantine-Robust Distributed
+    Learning: Towards Optimal Statistical Rates", Definition 2).
+
+    Per coordinate, sort the K values, drop the ``b = floor(ratio * K)`` smallest
+    and the ``b`` largest, and average the ``K - 2b`` left. ``ratio < 0.5`` keeps at
+    least one value. With few clients it degrades to the plain mean: for
+    ``K < 1 / ratio`` nothing is cut (``b = 0``), so a single hostile client then
+    moves the result; it tolerates up to ``b`` hostile values per coordinate.
+    ``mse`` and ``num_examples`` are ignored. ``b`` is computed as
+    ``scipy.stats.trim_mean`` does (``int(ratio * K)``).
+    """
+
+    ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, int | float):
+            raise ValueError(f"`ratio` must be a float in [0, 0.5). Found `{self.ratio!r}`.")
+        if not 0.0 <= self.ratio < 0.5:
+            raise ValueError(f"`ratio` must be in [0, 0.5). Found `{self.ratio!r}`.")
+
+    def __call__(
+        self, values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray
+    ) -> np.ndarray:
+        values = np.asarray(values)
+        k = _check_stack(values)
+        cut = int(self.ratio * k)
+        ordered = np.sort(values.astype(np.float64, copy=False), axis=0)  # (K, *shape)
+        return ordered[cut : k - cut].mean(axis=0).astype(np.float32)
+
+
 RULES: dict[str, AggregationRule] = {
     "error-weighted": ErrorWeighted(),
     "fedavg": sample_weighted,
     "mean": plain_mean,
+    "median": coordinate_median,
+    "trimmed-mean": TrimmedMean(),
 }
 """Rules by name, for run configs (``aggregation = "error-weighted"``)."""
 
@@ -274,3 +327,44 @@ def aggregate_tensors(
             raise ValueError(f"rule {rule_name} returned non-finite values for tensor {name!r}")
         result[name] = out
     return result
+
+
+def update_norm(update: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of a whole update, over all its tensors: ``sqrt(sum_t ||Δ_t||_2^2)``,
+    in float64."""
+    return math.sqrt(
+        sum(float(np.sum(np.square(np.asarray(v, dtype=np.float64)))) for v in update.values())
+    )
+
+
+def norm_clip_scales(norms: Sequence[float], *, factor: float) -> tuple[np.ndarray, float]:
+    """Scale factors that bound each update's L2 norm by ``factor`` x the median norm.
+
+    ``bound = factor * median_i ||Δ_i||`` and ``scale_i = min(1, bound / ||Δ_i||)``,
+    so ``scale_i * Δ_i`` has norm ``min(||Δ_i||, bound)``: norm clipping (Sun et al.
+    2019, "Can You Really Backdoor Federated Learning?", norm thresholding of
+    updates), with the threshold taken from the round itself so it needs no tuning
+    to the model's scale. Caveat: the median is only robust while fewer than half of
+    the updates are hostile; with one or two clients, a hostile one sets the bound.
+
+    Returns:
+        ``(scales, bound)``: ``(K,)`` float64 factors in ``[0, 1]``, and the bound.
+
+    Raises:
+        ValueError: no norms, a negative or non-finite norm, or ``factor`` not
+            finite and > 0.
+    """
+    if isinstance(factor, bool) or not (
+        isinstance(factor, int | float) and math.isfinite(factor) and factor > 0
+    ):
+        raise ValueError(f"`factor` must be finite and > 0. Found `{factor!r}`.")
+    array = np.asarray(norms, dtype=np.float64)
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(f"`norms` must have shape (K,) with K >= 1, got {array.shape}")
+    if not (np.isfinite(array).all() and (array >= 0).all()):
+        raise ValueError(f"`norms` must be finite and >= 0, got {array}")
+    bound = float(factor * np.median(array))
+    above = array > bound
+    scales = np.ones_like(array)
+    scales[above] = bound / array[above]  # the norm is > bound >= 0 there
+    return scales, bound

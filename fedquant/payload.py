@@ -46,6 +46,7 @@ __all__ = [
     "FLOAT_BITS",
     "FLOAT_STYPE",
     "MAX_ELEMENTS",
+    "MAX_MSE",
     "MAX_NDIM",
     "META_FIELDS",
     "META_KEY",
@@ -79,6 +80,10 @@ MAX_NDIM = 32
 """Most dimensions a decoded tensor may declare (numpy allows 64)."""
 MAX_ELEMENTS = 2**31 - 1
 """Most elements a decoded tensor, or any one of its dimensions, may declare."""
+MAX_MSE = (2.0 * float(np.finfo(np.float32).max)) ** 2
+"""Largest ``mse`` a tensor may declare (about 4.6e77): a float32 value and its
+float32 reconstruction differ by less than twice the float32 maximum. A larger claim
+is impossible, and summing a few of them would overflow the round's metrics."""
 
 _QUANT_BITS = range(1, 9)
 _FLOAT32 = np.dtype(np.float32)
@@ -201,7 +206,7 @@ def decode_update(
     right type; the tensor names in the codes record, in the metadata and in
     ``expected`` (when given) agree; every tensor has exactly the fields
     ``bits`` (int, not bool, in 1..8 or 32), ``clip`` (finite, ``0 <= s <=
-    max_clip``) and ``mse`` (finite, ``>= 0``); ``clip`` and ``mse`` may be sent as
+    max_clip``) and ``mse`` (``0 <= mse <= MAX_MSE``); ``clip`` and ``mse`` may be sent as
     int (not bool) and are read as float; ``bits == 32`` requires clip and mse 0.
     Then per Array: stype and dtype; the shape (a sequence of non-negative ints, at
     most ``MAX_NDIM`` dims, each dim and the element count at most ``MAX_ELEMENTS``,
@@ -301,8 +306,8 @@ def _check_meta(
         reason = f"must be finite and in [0, {max_clip:g}], got {clip!r}"
         raise PayloadError(tensor=name, field="clip", reason=reason)
     mse = _as_float(name, "mse", fields["mse"])
-    if not (math.isfinite(mse) and mse >= 0.0):
-        reason = f"must be finite and >= 0, got {mse!r}"
+    if not (math.isfinite(mse) and 0.0 <= mse <= MAX_MSE):
+        reason = f"must be finite and in [0, {MAX_MSE:g}], got {mse!r}"
         raise PayloadError(tensor=name, field="mse", reason=reason)
     if bits == FLOAT_BITS:
         for field, value in (("clip", clip), ("mse", mse)):

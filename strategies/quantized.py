@@ -14,15 +14,25 @@ weights (w_global + Δ̂ for updates, ŵ for weights). Then either
 A rejected reply is logged with its reason and counted in the round's metrics; the
 round goes on with the valid replies and never changes the model because of a bad one.
 A client that stopped to stay within its privacy budget replies with a
-``budget-exhausted`` status: it is counted as such, not as a failure.
+``budget-exhausted`` status: it is counted as such, not as a failure. Before
+aggregation, an update whose L2 norm exceeds ``update_norm_factor`` x the round's
+median update norm is scaled down to that bound; a round with fewer than
+``min_replies`` accepted replies leaves the model unchanged. Train messages that got
+no reply at all are counted as missing.
+
+Round metrics (``round_metrics[server_round]``, also returned by ``aggregate_train``)
+include ``accepted``, ``rejected``, ``failed``, ``budget-exhausted``, ``missing``,
+``norm-clipped`` and ``skipped``.
 """
 
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import (
@@ -39,7 +49,15 @@ from flwr.serverapp import strategy as flwr_strategies
 from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore import log
 
-from fedquant.aggregate import AggregationRule, ErrorWeighted, aggregate_tensors, resolve_rule
+from fedquant.aggregate import (
+    AggregationRule,
+    ErrorWeighted,
+    TrimmedMean,
+    aggregate_tensors,
+    norm_clip_scales,
+    resolve_rule,
+    update_norm,
+)
 from fedquant.config import ConfigError, PayloadMode, RunConfig
 from fedquant.payload import (
     CODES_KEY,
@@ -54,14 +72,18 @@ METRICS_KEY = "metrics"
 ARRAYS_KEY = "arrays"
 # A claimed example count above this is absurd for one client and is rejected.
 MAX_NUM_EXAMPLES = 10**9
+# Server-optimizer state of stateful stock strategies, saved by `state()`: the
+# moments of the FedOpt family (FedAdam, FedYogi, FedAdagrad) and FedAvgM's momentum.
+BASE_STATE_ATTRS = ("m_t", "v_t", "momentum_vector")
 
 
 @dataclass(frozen=True)
 class ClientReply:
-    """A validated training reply: the client's reconstructed local weights."""
+    """A validated training reply: the client's update Δ, its local weights being
+    ``w_global + Δ`` (Δ̂ as decoded for updates, ŵ − w_global for weights)."""
 
     node_id: int
-    weights: dict[str, np.ndarray]
+    update: dict[str, np.ndarray]
     mse: dict[str, float]
     num_examples: int
     train_loss: float
@@ -82,6 +104,15 @@ class QuantizedStrategy(Strategy):
             ``"package.module:attr"``, or a callable; None to let ``base`` aggregate.
         payload: whether replies carry updates Δ or weights.
         max_clip: largest clip value a reply may declare.
+        min_replies: fewest accepted replies that may change the model; a round
+            with fewer is skipped (the model stays as it was).
+        update_norm_factor: an update whose L2 norm exceeds this times the median
+            norm of the round's accepted updates is scaled down to that bound
+            (``fedquant.aggregate.norm_clip_scales``); 0 disables the bound.
+
+    Raises:
+        ValueError: ``min_replies`` not an int >= 1, or ``update_norm_factor``
+            neither 0 nor finite and >= 1 (below 1 even the median update is cut).
     """
 
     def __init__(
@@ -91,13 +122,28 @@ class QuantizedStrategy(Strategy):
         rule: AggregationRule | str | None = "error-weighted",
         payload: PayloadMode = PayloadMode.UPDATE,
         max_clip: float = 1e4,
+        min_replies: int = 1,
+        update_norm_factor: float = 10.0,
     ) -> None:
+        if isinstance(min_replies, bool) or not isinstance(min_replies, int) or min_replies < 1:
+            raise ValueError(f"`min_replies` must be an int >= 1. Found `{min_replies!r}`.")
+        if isinstance(update_norm_factor, bool) or not (
+            isinstance(update_norm_factor, int | float)
+            and (update_norm_factor == 0 or 1 <= update_norm_factor < math.inf)
+        ):
+            raise ValueError(
+                f"`update_norm_factor` must be 0 (off) or finite and >= 1. "
+                f"Found `{update_norm_factor!r}`."
+            )
         self.base = base if base is not None else FedAvg(fraction_evaluate=0.0)
         self.rule = resolve_rule(rule) if rule is not None else None
         self.payload = payload
         self.max_clip = max_clip
+        self.min_replies = min_replies
+        self.update_norm_factor = float(update_norm_factor)
         self.round_metrics: dict[int, MetricRecord] = {}
         self.epsilon_by_node: dict[int, float] = {}
+        self.sent_by_round: dict[int, int] = {}
         self._global: ArrayRecord | None = None
 
     def summary(self) -> None:
@@ -110,7 +156,9 @@ class QuantizedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._global = arrays
-        return self.base.configure_train(server_round, arrays, config, grid)
+        messages = list(self.base.configure_train(server_round, arrays, config, grid))
+        self.sent_by_round[server_round] = len(messages)
+        return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -130,8 +178,9 @@ class QuantizedStrategy(Strategy):
             raise RuntimeError("aggregate_train called before configure_train")
         global_arrays = {k: v.numpy() for k, v in self._global.items()}
         accepted: list[ClientReply] = []
-        failed = rejected = exhausted = 0
+        received = failed = rejected = exhausted = 0
         for msg in replies:
+            received += 1
             node = msg.metadata.src_node_id
             if msg.has_error():
                 failed += 1
@@ -142,8 +191,13 @@ class QuantizedStrategy(Strategy):
                     epsilon = self.validate_exhausted(msg, server_round)
                     exhausted += 1
                     self.epsilon_by_node[node] = epsilon
-                    log(INFO, "Round %d: node %d has spent its privacy budget (epsilon %.3f)",
-                        server_round, node, epsilon)
+                    log(
+                        INFO,
+                        "Round %d: node %d has spent its privacy budget (epsilon %.3f)",
+                        server_round,
+                        node,
+                        epsilon,
+                    )
                     continue
                 reply = self.validate_reply(msg, server_round, global_arrays)
             except PayloadError as err:
@@ -154,28 +208,74 @@ class QuantizedStrategy(Strategy):
             if reply.epsilon is not None:
                 self.epsilon_by_node[node] = reply.epsilon
 
+        accepted, clipped = self._bound_norms(server_round, accepted)
+        skipped = len(accepted) < self.min_replies
+        # A round this strategy did not configure (replies handed in directly) has
+        # no count of messages sent: none are counted missing.
+        sent = self.sent_by_round.get(server_round, received)
         metrics = self._round_metrics(
-            accepted, failed=failed, rejected=rejected, exhausted=exhausted
+            accepted,
+            failed=failed,
+            rejected=rejected,
+            exhausted=exhausted,
+            missing=sent - received,
+            clipped=clipped,
+            skipped=skipped,
         )
         self.round_metrics[server_round] = metrics
-        if not accepted:
-            log(WARNING, "Round %d: no valid replies; the global model is unchanged", server_round)
+        if skipped:
+            log(
+                WARNING,
+                "Round %d: skipped, the global model is unchanged: %d accepted replies, "
+                "fewer than the minimum of %d",
+                server_round,
+                len(accepted),
+                self.min_replies,
+            )
             return None, metrics
         if self.rule is not None:
             new = aggregate_tensors(
-                [r.weights for r in accepted],
+                [_weights(r, global_arrays) for r in accepted],
                 mse=[r.mse for r in accepted],
                 num_examples=[r.num_examples for r in accepted],
                 rule=self.rule,
             )
-            arrays = ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in new.items()})
+            arrays = ArrayRecord(
+                {k: Array(np.asarray(v, dtype=np.float32)) for k, v in new.items()}
+            )
         else:
             arrays, base_metrics = self.base.aggregate_train(
-                server_round, [_as_float_reply(r) for r in accepted]
+                server_round, [_as_float_reply(r, global_arrays) for r in accepted]
             )
             for key, value in (base_metrics or {}).items():
                 metrics.setdefault(key, value)
         return arrays, metrics
+
+    def _bound_norms(
+        self, server_round: int, accepted: list[ClientReply]
+    ) -> tuple[list[ClientReply], int]:
+        """Scale each update above the round's norm bound down to it; count them."""
+        if not (self.update_norm_factor and accepted):
+            return accepted, 0
+        norms = [update_norm(r.update) for r in accepted]
+        scales, bound = norm_clip_scales(norms, factor=self.update_norm_factor)
+        bounded = []
+        for reply, norm, scale in zip(accepted, norms, scales, strict=True):
+            if scale < 1.0:
+                log(
+                    WARNING,
+                    "Round %d: node %d's update norm %.6g exceeds the bound %.6g "
+                    "(%g x the median); scaled down to it",
+                    server_round,
+                    reply.node_id,
+                    norm,
+                    bound,
+                    self.update_norm_factor,
+                )
+                update = {k: np.asarray(v, np.float64) * scale for k, v in reply.update.items()}
+                reply = replace(reply, update=update)
+            bounded.append(reply)
+        return bounded, int((scales < 1.0).sum())
 
     def validate_reply(
         self, msg: Message, server_round: int, global_arrays: Mapping[str, np.ndarray]
@@ -191,14 +291,12 @@ class QuantizedStrategy(Strategy):
             raise PayloadError(tensor=None, field=METRICS_KEY, reason="not a MetricRecord")
         num_examples = _metric(metrics, "num-examples", int)
         if not 0 < num_examples <= MAX_NUM_EXAMPLES:
-            raise PayloadError(
-                tensor=None, field="num-examples", reason=f"must be in 1..{MAX_NUM_EXAMPLES}, got {num_examples}"
-            )
+            reason = f"must be in 1..{MAX_NUM_EXAMPLES}, got {num_examples}"
+            raise PayloadError(tensor=None, field="num-examples", reason=reason)
         reply_round = _metric(metrics, "server-round", int)
         if reply_round != server_round:
-            raise PayloadError(
-                tensor=None, field="server-round", reason=f"reply is for round {reply_round}, not {server_round}"
-            )
+            reason = f"reply is for round {reply_round}, not {server_round}"
+            raise PayloadError(tensor=None, field="server-round", reason=reason)
         train_loss = _metric(metrics, "train-loss", float)
         epsilon = _metric(metrics, "epsilon", float) if "epsilon" in metrics else None
         if epsilon is not None and epsilon < 0:
@@ -207,14 +305,21 @@ class QuantizedStrategy(Strategy):
         if not speedup > 0:
             raise PayloadError(tensor=None, field="speedup", reason=f"must be > 0, got {speedup}")
         local_epochs = _metric(metrics, "local-epochs", int) if "local-epochs" in metrics else 0
+        if local_epochs < 0:
+            raise PayloadError(
+                tensor=None, field="local-epochs", reason=f"must be >= 0, got {local_epochs}"
+            )
         quantized = metrics.get("quantized-epochs", [])
         if not (
             isinstance(quantized, list)
-            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= local_epochs
-                    for v in quantized)
+            and all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= local_epochs
+                for v in quantized
+            )
         ):
             raise PayloadError(
-                tensor=None, field="quantized-epochs",
+                tensor=None,
+                field="quantized-epochs",
                 reason=f"must be a list of ints in 0..local-epochs, got {quantized!r}",
             )
         decoded = decode_update(
@@ -224,7 +329,7 @@ class QuantizedStrategy(Strategy):
         )
         return ClientReply(
             node_id=msg.metadata.src_node_id,
-            weights=self._reconstruct(decoded, global_arrays),
+            update=self._update(decoded, global_arrays),
             mse={k: t.mse for k, t in decoded.items()},
             num_examples=num_examples,
             train_loss=train_loss,
@@ -242,20 +347,21 @@ class QuantizedStrategy(Strategy):
             raise PayloadError(tensor=None, field=METRICS_KEY, reason="not a MetricRecord")
         reply_round = _metric(metrics, "server-round", int)
         if reply_round != server_round:
-            raise PayloadError(
-                tensor=None, field="server-round", reason=f"reply is for round {reply_round}, not {server_round}"
-            )
+            reason = f"reply is for round {reply_round}, not {server_round}"
+            raise PayloadError(tensor=None, field="server-round", reason=reason)
         epsilon = _metric(metrics, "epsilon", float)
         if epsilon < 0:
             raise PayloadError(tensor=None, field="epsilon", reason=f"must be >= 0, got {epsilon}")
         return float(epsilon)
 
-    def _reconstruct(
+    def _update(
         self, decoded: Mapping[str, DecodedTensor], global_arrays: Mapping[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
         if self.payload is PayloadMode.UPDATE:
-            return {k: global_arrays[k] + t.values for k, t in decoded.items()}
-        return {k: t.values for k, t in decoded.items()}
+            return {k: t.values for k, t in decoded.items()}
+        # In float64, where a difference of two float32 values is exact (unless their
+        # magnitudes are 2^29 apart), so w_global + Δ gives ŵ back.
+        return {k: t.values.astype(np.float64) - global_arrays[k] for k, t in decoded.items()}
 
     @property
     def max_epsilon(self) -> float:
@@ -263,7 +369,15 @@ class QuantizedStrategy(Strategy):
         return max(self.epsilon_by_node.values(), default=0.0)
 
     def _round_metrics(
-        self, accepted: list[ClientReply], *, failed: int, rejected: int, exhausted: int
+        self,
+        accepted: list[ClientReply],
+        *,
+        failed: int,
+        rejected: int,
+        exhausted: int,
+        missing: int,
+        clipped: int,
+        skipped: bool,
     ) -> MetricRecord:
         assert self._global is not None
         float32_bytes = serialized_size(RecordDict({ARRAYS_KEY: self._global}))
@@ -284,6 +398,10 @@ class QuantizedStrategy(Strategy):
                 "rejected": rejected,
                 "failed": failed,
                 "budget-exhausted": exhausted,
+                # Train messages sent this round that got no reply at all.
+                "missing": missing,
+                "norm-clipped": clipped,
+                "skipped": int(skipped),
                 "epsilon-max": max(epsilons, default=0.0),
                 # Every client's cumulative epsilon so far, ordered by node id.
                 "epsilon-clients": [e for _, e in sorted(self.epsilon_by_node.items())],
@@ -303,6 +421,90 @@ class QuantizedStrategy(Strategy):
             }
         )
 
+    # ---------------------------------------------------------------- checkpoint
+    def state(self) -> dict[str, Any]:
+        """This strategy's state for a server checkpoint, as JSON-serializable data.
+
+        ``epsilon_by_node``, ``round_metrics`` and ``sent_by_round`` (keys as str,
+        since JSON objects have str keys), and under ``base`` the server-optimizer
+        state of a stateful stock ``base`` (the attributes in ``BASE_STATE_ATTRS`` it
+        has: ``m_t``/``v_t`` of FedAdam, FedYogi, FedAdagrad; ``momentum_vector`` of
+        FedAvgM). Each array is ``{"dtype", "shape", "data"}`` with ``data`` its
+        C-order bytes in base64, so it comes back bit for bit with its dtype (a float
+        list would lose float32 vs float64). The global model is not included: the
+        server checkpoints it, and ``configure_train`` hands it back to ``base``.
+        """
+        return {
+            "epsilon_by_node": {str(k): v for k, v in self.epsilon_by_node.items()},
+            "round_metrics": {str(k): dict(v) for k, v in self.round_metrics.items()},
+            "sent_by_round": {str(k): v for k, v in self.sent_by_round.items()},
+            "base": {
+                name: _encode_arrays(getattr(self.base, name))
+                for name in BASE_STATE_ATTRS
+                if hasattr(self.base, name)
+            },
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state` returned, exactly.
+
+        Raises:
+            ValueError: ``state`` holds optimizer state that ``base`` has no
+                attribute for (it was saved with a different base strategy).
+        """
+        base_state = state["base"]
+        foreign = sorted(set(base_state) - {a for a in BASE_STATE_ATTRS if hasattr(self.base, a)})
+        if foreign:
+            raise ValueError(
+                f"state has base-strategy state {foreign} that "
+                f"{type(self.base).__name__} does not keep"
+            )
+        self.epsilon_by_node = {int(k): float(v) for k, v in state["epsilon_by_node"].items()}
+        self.round_metrics = {
+            int(k): MetricRecord(dict(v)) for k, v in state["round_metrics"].items()
+        }
+        self.sent_by_round = {int(k): int(v) for k, v in state["sent_by_round"].items()}
+        for name, value in base_state.items():
+            setattr(self.base, name, _decode_arrays(value))
+
+
+def _encode_array(array: np.ndarray) -> dict[str, Any]:
+    array = np.ascontiguousarray(array)
+    data = base64.b64encode(array.tobytes()).decode("ascii")
+    return {"dtype": array.dtype.str, "shape": list(array.shape), "data": data}
+
+
+def _decode_array(encoded: Mapping[str, Any]) -> np.ndarray:
+    raw = base64.b64decode(encoded["data"])
+    flat = np.frombuffer(raw, dtype=np.dtype(encoded["dtype"]))
+    return flat.reshape(tuple(encoded["shape"])).copy()  # writable, owns its memory
+
+
+def _encode_arrays(
+    value: Mapping[str, np.ndarray] | list[np.ndarray] | None,
+) -> dict[str, Any] | list[dict[str, Any]] | None:
+    """None, ``{name: array}`` (FedOpt moments) or ``[array]`` (FedAvgM momentum)."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return {k: _encode_array(np.asarray(v)) for k, v in value.items()}
+    return [_encode_array(np.asarray(v)) for v in value]
+
+
+def _decode_arrays(
+    value: Mapping[str, Any] | list[Mapping[str, Any]] | None,
+) -> dict[str, np.ndarray] | list[np.ndarray] | None:
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return {k: _decode_array(v) for k, v in value.items()}
+    return [_decode_array(v) for v in value]
+
+
+def _weights(reply: ClientReply, global_arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The client's local weights ``w_global + Δ``."""
+    return {k: global_arrays[k] + v for k, v in reply.update.items()}
+
 
 def _is_budget_exhausted(msg: Message) -> bool:
     metrics = msg.content.get(METRICS_KEY)
@@ -314,23 +516,33 @@ def _is_budget_exhausted(msg: Message) -> bool:
 
 
 def _metric(metrics: MetricRecord, key: str, kind: type) -> int | float:
+    """A numeric metric as ``kind``: an int for int, a finite float for float."""
     if key not in metrics:
         raise PayloadError(tensor=None, field=key, reason="missing")
     value = metrics[key]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise PayloadError(tensor=None, field=key, reason=f"must be a number, got {value!r}")
-    if kind is int and not isinstance(value, int):
-        raise PayloadError(tensor=None, field=key, reason=f"must be an integer, got {value!r}")
-    if not math.isfinite(value):
+    if kind is int:
+        if not isinstance(value, int):
+            raise PayloadError(tensor=None, field=key, reason=f"must be an integer, got {value!r}")
+        return value  # Python ints are exact; the caller checks the range
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range; math.isfinite would raise too
+        raise PayloadError(tensor=None, field=key, reason="int out of float range") from None
+    if not math.isfinite(number):
         raise PayloadError(tensor=None, field=key, reason=f"must be finite, got {value!r}")
-    return value
+    return number
 
 
-def _as_float_reply(reply: ClientReply) -> Message:
+def _as_float_reply(reply: ClientReply, global_arrays: Mapping[str, np.ndarray]) -> Message:
     """A validated reply as an ordinary float32 reply, for a stock strategy."""
+    weights = _weights(reply, global_arrays)
     content = RecordDict(
         {
-            ARRAYS_KEY: ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in reply.weights.items()}),
+            ARRAYS_KEY: ArrayRecord(
+                {k: Array(np.asarray(v, np.float32)) for k, v in weights.items()}
+            ),
             METRICS_KEY: MetricRecord(
                 {"num-examples": reply.num_examples, "train-loss": reply.train_loss}
             ),
@@ -345,16 +557,26 @@ STOCK_PREFIX = "flwr:"
 def strategy_from_config(cfg: RunConfig) -> QuantizedStrategy:
     """The strategy a run config asks for.
 
-    ``aggregator`` is a rule (``error-weighted``, ``fedavg``, ``mean``, or
+    ``aggregator`` is a rule (``error-weighted``, ``fedavg``, ``mean``, ``median``,
+    ``trimmed-mean`` (cutting ``trim-ratio`` from each end), or
     ``package.module:attr``), or ``flwr:<Name>`` to wrap the stock
     ``flwr.serverapp.strategy.<Name>`` (e.g. ``flwr:FedAdam``) with its defaults.
-    A bad value raises ConfigError naming the key.
+    ``min-replies`` and ``update-norm-factor`` apply to all of them. A bad value
+    raises ConfigError naming the key.
     """
     sampling = {
         "fraction_train": cfg.fraction_train,
         "fraction_evaluate": 0.0,  # evaluation is central, on the server's test split
         "min_train_nodes": cfg.min_train_nodes,
-        "min_available_nodes": cfg.num_supernodes,
+        # The server loop waits (up to round-timeout) for every node; after that, a
+        # dead one must not block sampling forever.
+        "min_available_nodes": cfg.min_train_nodes,
+    }
+    replies = {
+        "payload": cfg.payload,
+        "max_clip": cfg.max_clip,
+        "min_replies": cfg.min_replies,
+        "update_norm_factor": cfg.update_norm_factor,
     }
     try:
         if cfg.aggregator.startswith(STOCK_PREFIX):
@@ -362,17 +584,12 @@ def strategy_from_config(cfg: RunConfig) -> QuantizedStrategy:
             stock = getattr(flwr_strategies, name, None)
             if not (isinstance(stock, type) and issubclass(stock, FedAvg)):
                 raise ValueError(f"flwr.serverapp.strategy has no FedAvg-family strategy {name!r}")
-            return QuantizedStrategy(
-                base=stock(**sampling), rule=None, payload=cfg.payload, max_clip=cfg.max_clip
-            )
+            return QuantizedStrategy(base=stock(**sampling), rule=None, **replies)
         rule: AggregationRule | str = cfg.aggregator
         if cfg.aggregator == "error-weighted":
             rule = ErrorWeighted(floor=cfg.mse_floor)
-        return QuantizedStrategy(
-            base=FedAvg(**sampling),
-            rule=rule,
-            payload=cfg.payload,
-            max_clip=cfg.max_clip,
-        )
+        elif cfg.aggregator == "trimmed-mean":
+            rule = TrimmedMean(ratio=cfg.trim_ratio)
+        return QuantizedStrategy(base=FedAvg(**sampling), rule=rule, **replies)
     except ValueError as err:
         raise ConfigError("aggregator", cfg.aggregator, str(err)) from err

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import math
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +14,14 @@ from fedquant.aggregate import (
     RULES,
     AggregationRule,
     ErrorWeighted,
+    TrimmedMean,
     aggregate_tensors,
+    coordinate_median,
+    norm_clip_scales,
     plain_mean,
     resolve_rule,
     sample_weighted,
+    update_norm,
 )
 
 K = 5
@@ -146,6 +152,131 @@ def test_permuting_replies_does_not_change_the_result() -> None:
         )
         for name in SHAPES:
             np.testing.assert_allclose(shuffled[name], out[name], rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------ robust rules
+
+
+def _trimmed_mean_oracle(values: np.ndarray, ratio: float) -> np.ndarray:
+    """Per coordinate, in plain Python: drop int(ratio*K) from each end of the sort."""
+    k = values.shape[0]
+    cut = int(ratio * k)
+    columns = values.reshape(k, -1).T  # (coordinates, K)
+    out = [statistics.fmean(sorted(column.tolist())[cut : k - cut]) for column in columns]
+    return np.array(out).reshape(values.shape[1:])
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 6])
+def test_median_matches_np_median(k: int) -> None:
+    clients, mse, n = _replies(k=k)
+    out = aggregate_tensors(clients, mse=mse, num_examples=n, rule=RULES["median"])
+    for name, shape in SHAPES.items():
+        assert out[name].shape == shape and out[name].dtype == np.float32
+        want = np.median(_stack(clients, name), axis=0)
+        np.testing.assert_allclose(out[name], want, rtol=1e-6, atol=1e-7)
+
+
+def test_median_of_even_k_is_the_mean_of_the_middle_two() -> None:
+    values = np.array([[4.0], [1.0], [3.0], [100.0]])  # sorted: 1, 3, 4, 100
+    out = coordinate_median(values, mse=np.zeros(4), num_examples=np.ones(4))
+    np.testing.assert_array_equal(out, [3.5])
+
+
+@pytest.mark.parametrize(
+    ("k", "ratio"), [(5, 0.2), (6, 0.2), (4, 0.25), (10, 0.1), (7, 0.3), (9, 0.45), (3, 0.1)]
+)
+def test_trimmed_mean_matches_sort_oracle(k: int, ratio: float) -> None:
+    clients, mse, n = _replies(k=k)
+    out = aggregate_tensors(clients, mse=mse, num_examples=n, rule=TrimmedMean(ratio))
+    for name in SHAPES:
+        want = _trimmed_mean_oracle(_stack(clients, name), ratio)
+        np.testing.assert_allclose(out[name], want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("k", "ratio"), [(5, 0.2), (6, 0.2), (10, 0.1), (8, 0.3)])
+def test_trimmed_mean_matches_scipy(k: int, ratio: float) -> None:
+    stats = pytest.importorskip("scipy.stats")
+    clients, mse, n = _replies(k=k)
+    out = aggregate_tensors(clients, mse=mse, num_examples=n, rule=TrimmedMean(ratio))
+    for name in SHAPES:
+        want = stats.trim_mean(_stack(clients, name), ratio, axis=0)
+        np.testing.assert_allclose(out[name], want, rtol=1e-6, atol=1e-7)
+
+
+def test_trimmed_mean_with_too_few_clients_is_the_plain_mean() -> None:
+    clients, mse, n = _replies(k=4)  # int(0.2 * 4) == 0: nothing to cut
+    trimmed = aggregate_tensors(clients, mse=mse, num_examples=n, rule=TrimmedMean(0.2))
+    for name in SHAPES:
+        np.testing.assert_allclose(trimmed[name], _stack(clients, name).mean(axis=0), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("k", "rule"),
+    [(5, coordinate_median), (6, coordinate_median), (5, TrimmedMean(0.2)), (6, TrimmedMean(0.2))],
+    ids=["median-odd", "median-even", "trimmed-odd", "trimmed-even"],
+)
+def test_one_outlier_does_not_move_robust_rules(k: int, rule: AggregationRule) -> None:
+    clients, mse, n = _replies(k=k)
+    results = []
+    for magnitude in (1e3, -1e3, 1e30):
+        hostile = [dict(c) for c in clients]
+        hostile[0] = {name: np.full(shape, magnitude, np.float32) for name, shape in SHAPES.items()}
+        results.append(aggregate_tensors(hostile, mse=mse, num_examples=n, rule=rule))
+        honest = clients[1:]
+        for name in SHAPES:
+            low = _stack(honest, name).min(axis=0)
+            high = _stack(honest, name).max(axis=0)
+            assert (low <= results[-1][name]).all() and (results[-1][name] <= high).all()
+    for name in SHAPES:
+        # The outlier's size does not matter, only which side it is on; a mean moves.
+        np.testing.assert_array_equal(results[0][name], results[2][name])
+    mean = aggregate_tensors(hostile, mse=mse, num_examples=n, rule=plain_mean)
+    assert np.abs(mean["conv.bias"]).min() > 1e20
+
+
+def test_trimmed_mean_ratio_is_validated() -> None:
+    for bad in (0.5, 0.7, -0.1, float("nan"), float("inf"), True, "0.1"):
+        with pytest.raises(ValueError, match="ratio"):
+            TrimmedMean(bad)  # type: ignore[arg-type]
+
+
+def test_robust_rules_are_registered() -> None:
+    assert resolve_rule("median") is coordinate_median
+    trimmed = resolve_rule("trimmed-mean")
+    assert isinstance(trimmed, TrimmedMean) and trimmed.ratio == 0.1
+
+
+# ---------------------------------------------------------------- norm bound
+
+
+def test_update_norm_is_the_l2_norm_over_all_tensors() -> None:
+    clients, _, _ = _replies(k=1)
+    flat = np.concatenate([np.ravel(v).astype(np.float64) for v in clients[0].values()])
+    assert update_norm(clients[0]) == pytest.approx(np.linalg.norm(flat), rel=1e-12)
+
+
+def test_norm_clip_scales_bring_outliers_exactly_to_the_bound() -> None:
+    norms = np.array([1.0, 2.0, 3.0, 300.0, 25.0])  # median 3
+    scales, bound = norm_clip_scales(norms, factor=5.0)
+    assert bound == 15.0
+    np.testing.assert_allclose(scales * norms, np.minimum(norms, bound), rtol=1e-15)
+    np.testing.assert_array_equal(scales[:3], 1.0)
+    assert math.isclose(scales[3] * 300.0, 15.0, rel_tol=1e-15)
+
+
+def test_norm_clip_scales_with_a_zero_median_zero_outliers() -> None:
+    scales, bound = norm_clip_scales([0.0, 0.0, 4.0], factor=10.0)
+    assert bound == 0.0
+    np.testing.assert_array_equal(scales, [1.0, 1.0, 0.0])
+
+
+def test_norm_clip_scales_validates_inputs() -> None:
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="factor"):
+            norm_clip_scales([1.0], factor=bad)
+    for norms in ([], [1.0, -1.0], [1.0, float("nan")], [[1.0]]):
+        with pytest.raises(ValueError, match="norms"):
+            norm_clip_scales(norms, factor=2.0)
 
 
 # ------------------------------------------------------------ rule validation
@@ -279,7 +410,7 @@ def test_registry_names_resolve() -> None:
 @pytest.mark.parametrize(
     ("spec", "match"),
     [
-        ("median", "unknown aggregation rule 'median'"),
+        ("krum", "unknown aggregation rule 'krum'"),
         ("no_such_pkg_fq.rules:mean", "cannot import module 'no_such_pkg_fq.rules'"),
         ("fedquant.aggregate:no_such_rule", "has no attribute 'no_such_rule'"),
         ("tests.test_aggregate:NOT_CALLABLE", "not callable"),

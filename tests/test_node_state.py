@@ -18,7 +18,9 @@ from tests.test_private_client import CFG, run_client
 def test_store_round_trip_is_atomic(tmp_path: Path) -> None:
     store = NodeStateStore(tmp_path / "node")
     assert store.load() is None
-    records = {PRIVACY_STATE: {"noise": [1.5], "rate": [0.01], "steps": [3], "noise-multiplier": 1.5}}
+    records = {
+        PRIVACY_STATE: {"noise": [1.5], "rate": [0.01], "steps": [3], "noise-multiplier": 1.5}
+    }
     store.save(records)
     assert store.load() == records
     store.save({PRIVACY_STATE: {"noise": [], "rate": [], "steps": []}})

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import logging
+
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
 
-from fedquant.aggregate import ErrorWeighted
+from fedquant.aggregate import ErrorWeighted, TrimmedMean, update_norm
 from fedquant.config import ConfigError, PayloadMode, RunConfig
 from fedquant.payload import CODES_KEY, META_KEY, decode_update, encode_update, serialized_size
 from fedquant.quantize import ClipRule, Rounding
@@ -19,9 +31,7 @@ SHAPES = {"conv.weight": (4, 1, 3, 3), "conv.bias": (4,), "fc.weight": (10, 36),
 
 def global_arrays(seed: int = 0) -> ArrayRecord:
     rng = np.random.default_rng(seed)
-    return ArrayRecord(
-        {k: Array(rng.normal(size=s).astype(np.float32)) for k, s in SHAPES.items()}
-    )
+    return ArrayRecord({k: Array(rng.normal(size=s).astype(np.float32)) for k, s in SHAPES.items()})
 
 
 def update(seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:
@@ -36,6 +46,7 @@ def reply(
     server_round: int = 1,
     num_examples: int = 100,
     bits: int = 4,
+    epsilon: float | None = None,
 ) -> Message:
     content = encode_update(
         tensors,
@@ -47,10 +58,30 @@ def reply(
     content["metrics"] = MetricRecord(
         {"num-examples": num_examples, "train-loss": 0.5, "server-round": server_round}
     )
-    # As a ClientApp replies: to an instruction the server sent to `node`.
-    instruction = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
-    instruction.metadata.__dict__["_message_id"] = f"instruction-{node}"
-    return Message(content=content, reply_to=instruction)
+    if epsilon is not None:
+        content["metrics"]["epsilon"] = epsilon
+    return Message(content=content, reply_to=instruction(node))
+
+
+def instruction(node: int) -> Message:
+    """As a ClientApp replies: to an instruction the server sent to `node`."""
+    msg = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    msg.metadata.__dict__["_message_id"] = f"instruction-{node}"
+    return msg
+
+
+def error_reply(node: int) -> Message:
+    return Message(Error(code=0, reason="client crashed"), reply_to=instruction(node))
+
+
+class FakeGrid:
+    """The one Grid method FedAvg.configure_train uses: the connected node ids."""
+
+    def __init__(self, nodes: int) -> None:
+        self.nodes = list(range(1, nodes + 1))
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
 
 
 def started(strategy: QuantizedStrategy, arrays: ArrayRecord) -> QuantizedStrategy:
@@ -210,3 +241,230 @@ def test_strategy_from_config_validates_aggregator() -> None:
     for bad in ("nope", "flwr:NotAStrategy", "no_such_module:f"):
         with pytest.raises(ConfigError, match="aggregator"):
             strategy_from_config(RunConfig(aggregator=bad))
+
+
+# ----------------------------------------------------------------- norm bound
+
+
+def recording_mean(seen: dict[str, np.ndarray]):
+    """The plain mean, keeping the (K, *shape) values each tensor was given."""
+
+    def rule(values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray) -> np.ndarray:
+        seen[f"t{len(seen)}"] = values.astype(np.float64)
+        return values.mean(axis=0)
+
+    return rule
+
+
+@pytest.mark.parametrize("payload", list(PayloadMode), ids=lambda p: p.value)
+def test_norm_bound_clips_a_huge_update_exactly_to_the_bound(
+    payload: PayloadMode, caplog: pytest.LogCaptureFixture
+) -> None:
+    arrays = global_arrays()
+    g = {k: arrays[k].numpy().astype(np.float64) for k in SHAPES}
+    deltas = [update(i) for i in range(4)] + [update(99, scale=1.0)]  # 100x the others
+    if payload is PayloadMode.WEIGHTS:
+        msgs = [
+            reply(i, {k: torch.from_numpy(g[k]).float() + d[k] for k in SHAPES}, bits=8)
+            for i, d in enumerate(deltas)
+        ]
+    else:
+        msgs = [reply(i, d) for i, d in enumerate(deltas)]
+    # Oracle: Δ_i as decoded (minus w_global for weights), bound = 10 x median ||Δ_i||.
+    decoded = [
+        {
+            k: t.values.astype(np.float64) - (g[k] if payload is PayloadMode.WEIGHTS else 0.0)
+            for k, t in decode_update(m.content).items()
+        }
+        for m in msgs
+    ]
+    norms = [update_norm(d) for d in decoded]
+    bound = 10.0 * float(np.median(norms))
+    assert norms[4] > 2 * bound and max(norms[:4]) < bound
+
+    seen: dict[str, np.ndarray] = {}
+    strategy = started(
+        QuantizedStrategy(rule=recording_mean(seen), payload=payload, update_norm_factor=10.0),
+        arrays,
+    )
+    with caplog.at_level(logging.WARNING):
+        new, metrics = strategy.aggregate_train(1, msgs)
+    assert metrics["norm-clipped"] == 1 and metrics["accepted"] == 5
+    clipped = {k: seen[f"t{i}"][4] - g[k] for i, k in enumerate(SHAPES)}
+    assert update_norm(clipped) == pytest.approx(bound, rel=1e-9)
+    for i, k in enumerate(SHAPES):  # only scaled, never turned
+        want = decoded[4][k] * bound / norms[4]
+        np.testing.assert_allclose(clipped[k], want, rtol=1e-9, atol=1e-12)
+        # Honest replies pass unchanged.
+        honest_deltas = np.stack([d[k] for d in decoded[:4]])
+        np.testing.assert_allclose(seen[f"t{i}"][:4] - g[k], honest_deltas, rtol=1e-5, atol=1e-6)
+    honest_mean = {k: np.mean([d[k] for d in decoded[:4]], axis=0) for k in SHAPES}
+    for k in SHAPES:
+        want = g[k] + (4 * honest_mean[k] + clipped[k]) / 5
+        np.testing.assert_allclose(new[k].numpy(), want, rtol=1e-5, atol=1e-6)
+    # The mean moves from the honest-only mean by ||Δ_4 - mean_honest|| / K, which the
+    # bound caps at (bound + ||mean_honest||) / K; unclipped it would move far more.
+    moved = update_norm({k: new[k].numpy() - (g[k] + honest_mean[k]) for k in SHAPES})
+    assert moved <= (bound + update_norm(honest_mean)) / 5 + 1e-5
+    unclipped = update_norm({k: decoded[4][k] - honest_mean[k] for k in SHAPES}) / 5
+    assert moved < unclipped / 2
+    logged = [r.getMessage() for r in caplog.records if "exceeds the bound" in r.getMessage()]
+    assert len(logged) == 1 and "node 4" in logged[0]
+    assert f"{norms[4]:.6g}" in logged[0] and f"{bound:.6g}" in logged[0]
+
+
+def test_norm_bound_zero_disables_clipping() -> None:
+    arrays = global_arrays()
+    msgs = [reply(i, update(i)) for i in range(4)] + [reply(4, update(99, scale=1.0))]
+    off = started(QuantizedStrategy(rule="mean", update_norm_factor=0.0), arrays)
+    new, metrics = off.aggregate_train(1, msgs)
+    assert metrics["norm-clipped"] == 0
+    decoded = [decode_update(m.content) for m in msgs]
+    for name in SHAPES:
+        want = arrays[name].numpy() + np.mean([d[name].values for d in decoded], axis=0)
+        np.testing.assert_allclose(new[name].numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_norm_bound_leaves_honest_rounds_alone() -> None:
+    arrays = global_arrays()
+    msgs = [reply(i, update(i)) for i in range(4)]
+    on = started(QuantizedStrategy(rule=ErrorWeighted(), update_norm_factor=1.0), arrays)
+    new, metrics = on.aggregate_train(1, msgs)
+    # Factor 1: everything above the median is cut; K=4 has two above it.
+    assert metrics["norm-clipped"] == 2
+    loose = started(QuantizedStrategy(rule=ErrorWeighted()), arrays)
+    new, metrics = loose.aggregate_train(1, msgs)
+    assert metrics["norm-clipped"] == 0
+    oracle = expected_error_weighted(arrays, msgs)
+    for name in SHAPES:
+        np.testing.assert_allclose(new[name].numpy(), oracle[name], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------- missing replies and minimum
+
+
+def test_missing_counts_train_messages_without_any_reply() -> None:
+    arrays = global_arrays()
+    strategy = QuantizedStrategy(base=FedAvg(min_available_nodes=5), rule="mean")
+    sent = strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid(5))
+    assert isinstance(sent, list) and len(sent) == 5 and strategy.sent_by_round[1] == 5
+    replies = [
+        reply(1, update(1)),
+        error_reply(2),
+        corrupt_bits(reply(3, update(3))),
+        reply(4, update(4)),
+    ]
+    new, metrics = strategy.aggregate_train(1, replies)
+    assert new is not None
+    assert metrics["missing"] == 1  # 5 sent, 4 replies (an error and a rejected one count)
+    assert (metrics["accepted"], metrics["failed"], metrics["rejected"]) == (2, 1, 1)
+    assert metrics["skipped"] == 0
+
+
+@pytest.mark.parametrize("good", [0, 2, 3])
+def test_min_replies_skips_the_round_below_the_minimum(
+    good: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    arrays = global_arrays()
+    strategy = started(QuantizedStrategy(rule="mean", min_replies=3), arrays)
+    replies = [reply(i, update(i)) for i in range(good)] + [corrupt_clip(reply(9, update(9)))]
+    with caplog.at_level(logging.WARNING):
+        new, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["accepted"] == good and metrics["rejected"] == 1
+    skipped = [r.getMessage() for r in caplog.records if "Round 1: skipped" in r.getMessage()]
+    if good < 3:
+        assert new is None and metrics["skipped"] == 1
+        assert len(skipped) == 1
+        assert f"{good} accepted" in skipped[0] and "minimum of 3" in skipped[0]
+    else:
+        assert new is not None and metrics["skipped"] == 0 and not skipped
+    assert strategy.round_metrics[1] == metrics
+
+
+def test_constructor_validates_min_replies_and_norm_factor() -> None:
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="min_replies"):
+            QuantizedStrategy(min_replies=bad)
+    for bad in (0.5, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="update_norm_factor"):
+            QuantizedStrategy(update_norm_factor=bad)
+
+
+def test_strategy_from_config_passes_the_robustness_keys() -> None:
+    cfg = RunConfig(
+        aggregator="trimmed-mean", trim_ratio=0.3, min_replies=4, update_norm_factor=0.0
+    )
+    strategy = strategy_from_config(cfg)
+    assert strategy.rule == TrimmedMean(0.3)
+    assert strategy.min_replies == 4 and strategy.update_norm_factor == 0.0
+    stock = strategy_from_config(RunConfig(aggregator="flwr:FedAdam", min_replies=2))
+    assert stock.min_replies == 2 and stock.update_norm_factor == 10.0
+    assert strategy_from_config(RunConfig(aggregator="median")).rule is not None
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def test_state_round_trips_through_json() -> None:
+    arrays = global_arrays()
+    strategy = QuantizedStrategy(rule="mean")
+    strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid(3))
+    strategy.aggregate_train(1, [reply(i, update(i), epsilon=0.25 * i + 0.1) for i in range(3)])
+    state = json.loads(json.dumps(strategy.state()))
+    restored = QuantizedStrategy(rule="mean")
+    restored.load_state(state)
+    assert restored.epsilon_by_node == strategy.epsilon_by_node == {0: 0.1, 1: 0.35, 2: 0.6}
+    assert restored.sent_by_round == {1: 3}
+    assert restored.round_metrics.keys() == {1}
+    assert dict(restored.round_metrics[1]) == dict(strategy.round_metrics[1])
+    assert isinstance(restored.round_metrics[1], MetricRecord)
+    assert restored.state() == strategy.state()
+
+
+@pytest.mark.parametrize(
+    "make_base",
+    [FedAdam, FedYogi, FedAdagrad, lambda: FedAvgM(server_momentum=0.9)],
+    ids=["FedAdam", "FedYogi", "FedAdagrad", "FedAvgM"],
+)
+def test_restored_stock_optimizer_aggregates_the_next_round_identically(make_base) -> None:
+    grid = FakeGrid(3)
+    original = QuantizedStrategy(base=make_base(), rule=None)
+    arrays = global_arrays()
+    for server_round in (1, 2):
+        original.configure_train(server_round, arrays, ConfigRecord(), grid)
+        msgs = [
+            reply(i, update(10 * server_round + i), server_round=server_round) for i in range(3)
+        ]
+        arrays, _ = original.aggregate_train(server_round, msgs)
+    state = json.loads(json.dumps(original.state()))
+    assert any(v is not None for v in state["base"].values())  # it has moments to save
+
+    restored = QuantizedStrategy(base=make_base(), rule=None)
+    restored.load_state(state)
+    for name in state["base"]:
+        kept, loaded = getattr(original.base, name), getattr(restored.base, name)
+        if isinstance(kept, dict):
+            assert kept.keys() == loaded.keys()
+            kept, loaded = list(kept.values()), list(loaded.values())
+        for a, b in zip(kept, loaded, strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+    msgs = [reply(i, update(30 + i), server_round=3) for i in range(3)]
+    results = []
+    for strategy in (original, restored):
+        strategy.configure_train(3, arrays, ConfigRecord(), grid)
+        results.append(strategy.aggregate_train(3, msgs)[0])
+    for name in SHAPES:
+        np.testing.assert_array_equal(results[0][name].numpy(), results[1][name].numpy())
+    # The optimizer state matters: a fresh strategy gives a different step.
+    fresh = QuantizedStrategy(base=make_base(), rule=None)
+    fresh.configure_train(3, arrays, ConfigRecord(), grid)
+    other = fresh.aggregate_train(3, msgs)[0]
+    assert any(not np.array_equal(other[k].numpy(), results[0][k].numpy()) for k in SHAPES)
+
+
+def test_load_state_rejects_another_base_strategys_moments() -> None:
+    strategy = QuantizedStrategy(base=FedAdam(), rule=None)
+    state = json.loads(json.dumps(strategy.state()))
+    with pytest.raises(ValueError, match="m_t"):
+        QuantizedStrategy(base=FedAvg(), rule="mean").load_state(state)
