@@ -153,6 +153,15 @@ class RunConfig:
             raise ConfigError(
                 "min-train-nodes", self.min_train_nodes, "must be <= num-supernodes"
             )
+        # Flower's FedAvg samples max(int(N * fraction), min-train-nodes) clients a round.
+        sampled = max(int(self.num_supernodes * self.fraction_train), self.min_train_nodes)
+        if self.min_replies > sampled:
+            raise ConfigError(
+                "min-replies", self.min_replies,
+                f"impossible: only {sampled} clients are sampled per round "
+                f"(num-supernodes {self.num_supernodes} x fraction-train "
+                f"{self.fraction_train}), so no round could ever update the model",
+            )
 
     @property
     def quantized(self) -> bool:

@@ -33,6 +33,9 @@ def test_parses_flower_values() -> None:
         ("lr", float("nan")), ("fraction-train", 0.0), ("fraction-train", 1.5),
         ("num-server-rounds", 0), ("local-epochs", 2.5), ("batch-size", -1),
         ("momentum", 1.0), ("out-dir", ""), ("model", "resnet9000"),
+        ("min-replies", 0), ("min-replies", 11), ("update-norm-factor", 0.5),
+        ("update-norm-factor", -1.0), ("trim-ratio", 0.5), ("resume", "yes"),
+        ("client-state-dir", 3),
     ],
 )
 def test_bad_value_names_key_and_value(key: str, value: object) -> None:
@@ -46,3 +49,10 @@ def test_unknown_key_rejected_when_strict() -> None:
     with pytest.raises(ConfigError, match="'bitz'"):
         RunConfig.from_flower({"bitz": 4}, strict=True)
     assert RunConfig.from_flower({"bitz": 4}).extra == {"bitz": 4}
+
+
+def test_min_replies_more_than_sampled_is_reported_as_impossible() -> None:
+    with pytest.raises(ConfigError, match="'min-replies' = 3: impossible: only 2 clients"):
+        RunConfig.from_flower({"num-supernodes": 10, "fraction-train": 0.2, "min-replies": 3})
+    cfg = RunConfig.from_flower({"num-supernodes": 10, "fraction-train": 0.2, "min-replies": 2})
+    assert cfg.min_replies == 2
