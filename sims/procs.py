@@ -39,17 +39,31 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
 
 
 def stop_process_group(proc: subprocess.Popen[Any], *, grace_s: float = 10.0) -> None:
-    """SIGTERM the process group led by ``proc`` (by its PID), then SIGKILL."""
-    if proc.poll() is not None:
-        return
+    """SIGTERM the process group led by ``proc`` (by its PID), then SIGKILL.
+
+    The group is signalled even when its leader has already exited: children it
+    started (a ServerApp, Ray workers) may still be running in it.
+    """
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=grace_s)
+        pass
+    deadline = time.monotonic() + grace_s
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=grace_s)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def wait_for_port(host: str, port: int, process: subprocess.Popen[Any], log: Path) -> None:

@@ -60,6 +60,7 @@ def resolve_run_config(overrides: Sequence[str]) -> tuple[RunConfig, dict[str, A
     Returns the validated config and the overrides to pass to ``flwr run``
     (``out-dir`` made absolute, since the ServerApp runs in another directory).
     """
+    from sims.checkpoint import check_same_experiment, load_checkpoint
     from sims.server_app import validate_privacy_plan
     from strategies.quantized import strategy_from_config
 
@@ -72,7 +73,12 @@ def resolve_run_config(overrides: Sequence[str]) -> tuple[RunConfig, dict[str, A
     cfg = RunConfig.from_flower(merged, strict=True)
     strategy_from_config(cfg)  # validates the aggregator spec
     validate_privacy_plan(cfg)  # an unreachable (epsilon, delta) target stops here
+    if cfg.resume and (checkpoint := load_checkpoint(cfg.out_dir)) is not None:
+        check_same_experiment(checkpoint, cfg.to_flower())
+    # The apps run in other directories (and, deployed, on other machines).
     parsed["out-dir"] = str(Path(cfg.out_dir).expanduser().resolve())
+    if cfg.client_state_dir:
+        parsed["client-state-dir"] = str(Path(cfg.client_state_dir).expanduser().resolve())
     return cfg, parsed
 
 
@@ -237,6 +243,12 @@ def run_simulation(
     if ray_address is not None:
         check_ray_address(ray_address)
     cfg, parsed = resolve_run_config(overrides)
+    if cfg.resume and cfg.dp and not cfg.client_state_dir:
+        raise ConfigError(
+            "client-state-dir", cfg.client_state_dir,
+            "resume=true with dp=true needs the client state dir the interrupted run used; "
+            "without it every simulated client's epsilon would restart from 0",
+        )
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedquant-sim-")))

@@ -66,7 +66,9 @@ def test_private_dpquant_simulation_with_ray(tmp_path: Path) -> None:
     ("override", "key"),
     [("bits=9", "bits"), ('clip="median"', "clip"), ('aggregator="nope"', "aggregator"),
      ("no-such-key=1", "no-such-key"), ("lr=-1.0", "lr"),
-     ("target-epsilon=0.0001 num-server-rounds=50", "target-epsilon")],
+     ("target-epsilon=0.0001 num-server-rounds=50", "target-epsilon"),
+     ("min-replies=11", "min-replies"),
+     ('resume=true out-dir="/nonexistent/fedquant"', "client-state-dir")],
 )
 def test_launcher_rejects_bad_config_before_starting(override: str, key: str) -> None:
     proc = subprocess.run(
