@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedquant-installed
 
-.PHONY: install demo test bench bench-private clean
+.PHONY: install demo test test-slow bench bench-private bench-overhead clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,12 @@ install: $(STAMP)
 demo: install
 	$(PY) -m sims.run $(if $(RUN_CONFIG),--run-config "$(RUN_CONFIG)")
 
+# The default suite; the slow end-to-end deployments and Ray cluster run in test-slow.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
 
 bench: install
 	$(PY) -m sims.bench
@@ -31,5 +35,21 @@ bench: install
 bench-private: install
 	$(PY) -m sims.bench_private
 
+bench-overhead: install
+	$(PY) -m sims.bench_overhead
+
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .hypothesis
+
+# Deployment over gRPC on 127.0.0.1: a SuperLink and SUPERNODES SuperNodes.
+# make deploy-demo SECURE=1 adds TLS and SuperNode authentication.
+SUPERNODES ?= 2
+.PHONY: deploy-demo certs
+deploy-demo: install
+	$(PY) -m sims.deploy --supernodes $(SUPERNODES) $(if $(SECURE),--secure) $(if $(RUN_CONFIG),--run-config "$(RUN_CONFIG)")
+
+# A CA and a server certificate for CERT_HOSTS (the SANs), for a real deployment.
+CERT_HOSTS ?= 127.0.0.1 localhost
+CERTS_DIR ?= outputs/certs
+certs: install
+	$(PY) -m sims.certs --out $(CERTS_DIR) $(foreach h,$(CERT_HOSTS),--host $(h))

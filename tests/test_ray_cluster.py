@@ -27,6 +27,8 @@ import pytest
 from sims.procs import free_port
 from sims.run import run_simulation
 
+pytestmark = pytest.mark.slow  # ~2 min on 2 cores: `make test-slow` (CI runs it)
+
 RAY = Path(sys.executable).parent / "ray"
 HEAD_START_TIMEOUT_S = 60.0
 # Ray puts unix sockets at TEMP/session_<date>_<pid>/sockets/plasma_store (~66 more
