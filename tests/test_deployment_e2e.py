@@ -187,7 +187,7 @@ def test_secure_grpc_deployment_refuses_unknown_and_plaintext_supernodes(
         )
         assert unknown.keys is not None and plaintext.keys is None
         status = submit_and_follow(
-            dep, overrides, stream=False, timeout_s=RUN_TIMEOUT_S, watch=nodes
+            dep, overrides, stream=False, timeout_s=RUN_TIMEOUT_S
         )
         assert status["status"] == "finished:completed"
 
