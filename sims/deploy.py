@@ -51,7 +51,7 @@ from typing import Any
 from fedquant.config import ConfigError, RunConfig
 from sims.certs import AuthKeys, TlsFiles, write_supernode_keys, write_tls_files
 from sims.procs import flower_env, free_port, stop_process_group, wait_for_port
-from sims.run import APP_DIR, _toml_value, resolve_run_config
+from sims.run import APP_DIR, resolve_run_config, run_config_arg
 
 CONNECTION = "fedquant-deploy"
 HOST = "127.0.0.1"
@@ -489,7 +489,7 @@ def submit_and_follow(
     (``flwr stop``, then TimeoutError). ``on_line`` is called with each line of the
     log as it arrives.
     """
-    run_config = " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items())
+    run_config = run_config_arg(overrides)
     command = ["run", str(APP_DIR), CONNECTION, "--format", "json"]
     if run_config:
         command += ["--run-config", run_config]

@@ -156,6 +156,11 @@ def simulation_superlink(
         stop_process_group(process)
 
 
+def run_config_arg(overrides: Mapping[str, Any]) -> str:
+    """Overrides as one ``flwr run --run-config`` string ("k=v ..." with TOML values)."""
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items())
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value)  # a TOML basic string
@@ -178,7 +183,7 @@ def submit_and_follow(
     ``client_cpus``/``client_gpus``: Ray resources reserved per simulated client; Flower
     runs as many client actors as the Ray cluster's resources allow.
     """
-    run_config = " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items())
+    run_config = run_config_arg(overrides)
     command = ["flwr", "run", str(APP_DIR), CONNECTION, "--format", "json"]
     if run_config:
         command += ["--run-config", run_config]
