@@ -10,8 +10,8 @@ ledger of every mechanism application (so ε is cumulative), the noise multiplie
 calibrated once for the whole run, and DPQuant's sensitivity EMA and epoch counter.
 With a state directory (node config ``state-dir`` in deployment, run config
 ``client-state-dir`` in simulation) the same records are also written to disk,
-atomically, before the reply leaves the node, and read back on every round: a
-SuperNode killed and restarted goes on from the ε it had spent.
+atomically, before the reply leaves the node, and read back when the node starts
+with an empty state: a SuperNode killed and restarted goes on from the ε it had spent.
 A client whose next round would exceed its (ε, δ) budget does not train; it replies
 with a ``budget-exhausted`` status instead of an update.
 """
@@ -168,7 +168,8 @@ def local_train(msg: Message, context: Context) -> LocalRound:
     server_round = int(msg.content[CONFIG_KEY]["server-round"])
     partition_id, data = node_partition(context, cfg)
     store = node_state_store(context, cfg, partition_id)
-    if store is not None and (saved := store.load()) is not None:
+    restarted = not any(name in context.state for name in PERSISTED_STATE)
+    if store is not None and restarted and (saved := store.load()) is not None:
         for name in PERSISTED_STATE:
             if name in saved:
                 context.state[name] = ConfigRecord(saved[name])

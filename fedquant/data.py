@@ -82,10 +82,6 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, indices: np.ndarray) -> Split:
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return Split(self.images[idx], self.labels[idx])
-
 
 @dataclass(frozen=True)
 class CodeSplit:
@@ -258,8 +254,8 @@ def _as_splits(flat: np.ndarray) -> MnistCodes:
 def load_codes(path: str | None = None, cache_dir: str | None = None) -> MnistCodes:
     """The embedded MNIST as uint8 codes, memory-mapped from the shared cache. Cached per process.
 
-    The source file's SHA-256 is checked on every call (25 ms); the cache file is used
-    only if its own SHA-256 matches ``MNIST_CODES_SHA256``, and is rebuilt otherwise.
+    Once per process the source file's SHA-256 is checked; the cache file is used only
+    if its own SHA-256 matches ``MNIST_CODES_SHA256``, and is rebuilt otherwise.
     """
     file = Path(path) if path else default_mnist_path()
     _check_source(file)
@@ -282,12 +278,6 @@ def load_mnist(path: str | None = None) -> Mnist:
     Each split is normalized to float32 when first accessed; see ``Mnist``.
     """
     return Mnist(load_codes(path))
-
-
-def _label_array(labels: tuple[int, ...] | None) -> np.ndarray:
-    if labels is not None:
-        return np.asarray(labels, dtype=np.int64)
-    return load_codes().train.labels.astype(np.int64)
 
 
 def _make_partitioner(
@@ -343,12 +333,13 @@ def partition_indices(
     the partitioner until each holds at least ``min_partition_size`` examples.
     A client needs one partition: ``partition_of`` computes only that one.
     """
-    partitioner = _make_partitioner(
-        _label_array(labels),
-        num_partitions=num_partitions,
-        partitioning=partitioning,
-        alpha=alpha,
-        seed=seed,
+    settings = {
+        "num_partitions": num_partitions, "partitioning": partitioning, "alpha": alpha, "seed": seed
+    }
+    partitioner = (
+        _cached_partitioner(**settings)
+        if labels is None
+        else _make_partitioner(np.asarray(labels, dtype=np.int64), **settings)
     )
     return tuple(_indices(partitioner, i) for i in range(num_partitions))
 
@@ -358,7 +349,7 @@ def _cached_partitioner(
     *, num_partitions: int, partitioning: Partitioning, alpha: float, seed: int
 ) -> Partitioner:
     return _make_partitioner(
-        _label_array(None),
+        load_codes().train.labels.astype(np.int64),
         num_partitions=num_partitions,
         partitioning=partitioning,
         alpha=alpha,

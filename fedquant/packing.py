@@ -19,10 +19,11 @@ from __future__ import annotations
 import functools
 import sys
 import threading
-from types import ModuleType
 
 import numpy as np
 import torch
+
+from fedquant.backend import load_kernels
 
 __all__ = ["pack_codes", "packed_size", "unpack_codes"]
 
@@ -33,16 +34,7 @@ _SCRATCH_WORDS = 1 << 19  # largest per-thread scratch kept between calls (4 MiB
 _scratch = threading.local()
 
 
-def _load_kernels() -> ModuleType | None:
-    """``fedquant._kernels``, or None without numba (then packing runs in numpy)."""
-    try:
-        from fedquant import _kernels
-    except ImportError:
-        return None
-    return _kernels
-
-
-_kernels = _load_kernels()
+_kernels = load_kernels()  # None without numba
 
 
 def _check_bits(bits: object) -> int:

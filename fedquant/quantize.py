@@ -47,10 +47,11 @@ import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from types import ModuleType
 
 import numpy as np
 import torch
+
+from fedquant.backend import load_kernels
 
 __all__ = [
     "ClipRule",
@@ -75,16 +76,7 @@ _DITHER_SCALE = 2.0**24  # 24-bit dither of the numba kernel
 _CPUS = os.cpu_count() or 1
 
 
-def _load_kernels() -> ModuleType | None:
-    """``fedquant._kernels``, or None without numba (then numpy does the same work)."""
-    try:
-        from fedquant import _kernels
-    except ImportError:
-        return None
-    return _kernels
-
-
-_kernels = _load_kernels()
+_kernels = load_kernels()  # None without numba
 
 
 class Rounding(enum.Enum):

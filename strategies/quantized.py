@@ -20,9 +20,8 @@ median update norm is scaled down to that bound; a round with fewer than
 ``min_replies`` accepted replies leaves the model unchanged. Train messages that got
 no reply at all are counted as missing.
 
-Round metrics (``round_metrics[server_round]``, also returned by ``aggregate_train``)
-include ``accepted``, ``rejected``, ``failed``, ``budget-exhausted``, ``missing``,
-``norm-clipped`` and ``skipped``.
+Round metrics (returned by ``aggregate_train``) include ``accepted``, ``rejected``,
+``failed``, ``budget-exhausted``, ``missing``, ``norm-clipped`` and ``skipped``.
 """
 
 from __future__ import annotations
@@ -141,7 +140,6 @@ class QuantizedStrategy(Strategy):
         self.max_clip = max_clip
         self.min_replies = min_replies
         self.update_norm_factor = float(update_norm_factor)
-        self.round_metrics: dict[int, MetricRecord] = {}
         self.epsilon_by_node: dict[int, float] = {}
         self.sent_by_round: dict[int, int] = {}
         self._global: ArrayRecord | None = None
@@ -222,7 +220,6 @@ class QuantizedStrategy(Strategy):
             clipped=clipped,
             skipped=skipped,
         )
-        self.round_metrics[server_round] = metrics
         if skipped:
             log(
                 WARNING,
@@ -425,7 +422,7 @@ class QuantizedStrategy(Strategy):
     def state(self) -> dict[str, Any]:
         """This strategy's state for a server checkpoint, as JSON-serializable data.
 
-        ``epsilon_by_node``, ``round_metrics`` and ``sent_by_round`` (keys as str,
+        ``epsilon_by_node`` and ``sent_by_round`` (keys as str,
         since JSON objects have str keys), and under ``base`` the server-optimizer
         state of a stateful stock ``base`` (the attributes in ``BASE_STATE_ATTRS`` it
         has: ``m_t``/``v_t`` of FedAdam, FedYogi, FedAdagrad; ``momentum_vector`` of
@@ -436,7 +433,6 @@ class QuantizedStrategy(Strategy):
         """
         return {
             "epsilon_by_node": {str(k): v for k, v in self.epsilon_by_node.items()},
-            "round_metrics": {str(k): dict(v) for k, v in self.round_metrics.items()},
             "sent_by_round": {str(k): v for k, v in self.sent_by_round.items()},
             "base": {
                 name: _encode_arrays(getattr(self.base, name))
@@ -460,9 +456,6 @@ class QuantizedStrategy(Strategy):
                 f"{type(self.base).__name__} does not keep"
             )
         self.epsilon_by_node = {int(k): float(v) for k, v in state["epsilon_by_node"].items()}
-        self.round_metrics = {
-            int(k): MetricRecord(dict(v)) for k, v in state["round_metrics"].items()
-        }
         self.sent_by_round = {int(k): int(v) for k, v in state["sent_by_round"].items()}
         for name, value in base_state.items():
             setattr(self.base, name, _decode_arrays(value))

@@ -378,7 +378,6 @@ def test_min_replies_skips_the_round_below_the_minimum(
         assert f"{good} accepted" in skipped[0] and "minimum of 3" in skipped[0]
     else:
         assert new is not None and metrics["skipped"] == 0 and not skipped
-    assert strategy.round_metrics[1] == metrics
 
 
 def test_constructor_validates_min_replies_and_norm_factor() -> None:
@@ -415,9 +414,6 @@ def test_state_round_trips_through_json() -> None:
     restored.load_state(state)
     assert restored.epsilon_by_node == strategy.epsilon_by_node == {0: 0.1, 1: 0.35, 2: 0.6}
     assert restored.sent_by_round == {1: 3}
-    assert restored.round_metrics.keys() == {1}
-    assert dict(restored.round_metrics[1]) == dict(strategy.round_metrics[1])
-    assert isinstance(restored.round_metrics[1], MetricRecord)
     assert restored.state() == strategy.state()
 
 
