@@ -5,20 +5,27 @@ partition — DP-SGD with Opacus when ``dp`` is on, with DPQuant choosing which 
 in low precision each epoch — then upload the quantized update Δ = w_local − w_global
 (or the quantized local weights) as packed codes plus per-tensor clip, bits and MSE.
 
-Privacy state lives in the node's ``Context.state`` and persists across rounds: the
-ledger of every mechanism application (so ε is cumulative), the noise multiplier
-calibrated once for the whole run, and DPQuant's sensitivity EMA and epoch counter.
-With a state directory (node config ``state-dir`` in deployment, run config
-``client-state-dir`` in simulation) the same records are also written to disk,
-atomically, before the reply leaves the node, and read back when the node starts
-with an empty state: a SuperNode killed and restarted goes on from the ε it had spent.
+Privacy state (:class:`~fedquant.node_state.NodeState`) lives in the node's
+``Context.state`` and persists across rounds: the ledger of every mechanism application
+(so ε is cumulative), the noise multiplier calibrated once for the whole run, and
+DPQuant's sensitivity EMA and epoch counter. With a state directory (node config
+``state-dir`` in deployment, run config ``client-state-dir`` in simulation) the same
+records are also written to disk, atomically, before the reply leaves the node, and read
+back when the node starts with an empty state: a SuperNode killed and restarted goes on
+from the ε it had spent; a damaged or incomplete file stops it (NodeStateError).
 A client whose next round would exceed its (ε, δ) budget does not train; it replies
 with a ``budget-exhausted`` status instead of an update.
+
+What leaves the node (threat model: README "Privacy"): the DP-SGD output, quantized
+(post-processing), and the metrics in ``REPLY_METRICS``, none of them computed from the
+examples except through a charged mechanism. The randomness that protects the examples
+is drawn from OS entropy (:func:`privacy_generator`), never from values the server knows.
 """
 
 from __future__ import annotations
 
 import hashlib
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +39,7 @@ from fedquant.data import Split, load_partition
 from fedquant.dpquant import LayerScheduler, QuantPolicy
 from fedquant.fakequant import quantizable_layers
 from fedquant.models import build_model
-from fedquant.node_state import NodeStateStore
+from fedquant.node_state import RECORDS, NodeState, NodeStateStore, PrivacyRecord
 from fedquant.payload import encode_update
 from fedquant.private import (
     DPSettings,
@@ -47,10 +54,14 @@ from fedquant.private import (
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
-# Node state records (Context.state) that persist across rounds.
-PRIVACY_STATE = "fedquant.privacy"
-SCHEDULER_STATE = "fedquant.dpquant"
-PERSISTED_STATE = (PRIVACY_STATE, SCHEDULER_STATE)
+# Every metric a training reply may carry. Partition size is public by design; the rest
+# is derived from the plan, the schedule (post-processing of DP estimates) and the ledger.
+REPLY_METRICS = frozenset(
+    {"num-examples", "server-round", "speedup", "local-epochs", "quantized-epochs",
+     "epsilon", "noise-multiplier"}
+)
+# Spawn key of the (opt-in, non-private) seeded DP noise stream; see privacy_generator.
+_SEEDED_NOISE_STREAM = 1
 
 app = ClientApp()
 
@@ -59,6 +70,24 @@ def node_seed(*parts: int) -> int:
     """A 63-bit seed derived from (run seed, round, partition, ...), not the clock."""
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def privacy_generator(cfg: RunConfig, server_round: int, partition_id: int) -> torch.Generator:
+    """The source of every random draw that protects this node's examples.
+
+    DP-SGD's noise, its Poisson batches and the DPQuant estimator's subsample and noise
+    are only private against the server if the server cannot reproduce them, so a
+    private client seeds this generator with 64 bits from the OS CSPRNG (``secrets``),
+    never from the run seed, round or partition id the server chose. Only with the
+    explicit ``dp-noise-seeded = true`` (reproducible experiments, not private against
+    the server; the launcher and results.json warn) is it derived from those, and
+    likewise without DP, where nothing is protected.
+    """
+    if cfg.dp and not cfg.dp_noise_seeded:
+        return torch.Generator().manual_seed(secrets.randbits(64))
+    return torch.Generator().manual_seed(
+        node_seed(cfg.seed, server_round, partition_id, _SEEDED_NOISE_STREAM)
+    )
 
 
 def node_partition(context: Context, cfg: RunConfig) -> tuple[int, Split]:
@@ -110,12 +139,20 @@ def quant_settings(cfg: RunConfig) -> QuantSettings | None:
 def dp_settings(cfg: RunConfig) -> DPSettings | None:
     if not cfg.dp:
         return None
-    return DPSettings(cfg.target_epsilon, cfg.target_delta, cfg.max_grad_norm)
+    return DPSettings(cfg.target_epsilon, cfg.target_delta, cfg.max_grad_norm, cfg.accountant)
 
 
-def load_scheduler(state: RecordDict, *, n_layers: int, quant: QuantSettings, seed: int) -> LayerScheduler:
-    if SCHEDULER_STATE in state:
-        return LayerScheduler.from_dict(dict(state[SCHEDULER_STATE]))
+def node_state(context: Context, store: NodeStateStore | None, *, private: bool) -> NodeState:
+    """This node's state: from ``Context.state`` while the process lives, else (after a
+    start or restart) from its state file; fails closed (NodeStateError) on damage."""
+    if any(name in context.state for name in RECORDS):
+        records = {name: dict(context.state[name]) for name in RECORDS if name in context.state}
+        return NodeState.from_records(records, source="Context.state")
+    loaded = store.load(require_privacy=private) if store is not None else None
+    return loaded if loaded is not None else NodeState()
+
+
+def new_scheduler(*, n_layers: int, quant: QuantSettings, seed: int) -> LayerScheduler:
     return LayerScheduler(
         n_layers=n_layers,
         policy=quant.policy,
@@ -136,10 +173,10 @@ class LocalRound:
 
     cfg: RunConfig
     server_round: int
+    partition_id: int
     global_state: dict[str, torch.Tensor]
     local_state: dict[str, torch.Tensor]
     metrics: dict[str, int | float | list[int]]
-    generator: torch.Generator
     exhausted_epsilon: float | None = None
 
 
@@ -154,8 +191,12 @@ def train(msg: Message, context: Context) -> Message:
         tensors = {k: local_state[k] - global_state[k] for k in global_state}
     else:
         tensors = dict(local_state)
+    # Stochastic rounding of a DP output is post-processing: seeded, so runs reproduce.
+    rounding_rng = torch.Generator().manual_seed(
+        node_seed(cfg.seed, result.server_round, result.partition_id)
+    )
     content = encode_update(
-        tensors, bits=cfg.bits, clip=cfg.clip, rounding=cfg.rounding, generator=result.generator
+        tensors, bits=cfg.bits, clip=cfg.clip, rounding=cfg.rounding, generator=rounding_rng
     )
     content[METRICS_KEY] = MetricRecord(result.metrics)
     return Message(content=content, reply_to=msg)
@@ -168,12 +209,8 @@ def local_train(msg: Message, context: Context) -> LocalRound:
     server_round = int(msg.content[CONFIG_KEY]["server-round"])
     partition_id, data = node_partition(context, cfg)
     store = node_state_store(context, cfg, partition_id)
-    restarted = not any(name in context.state for name in PERSISTED_STATE)
-    if store is not None and restarted and (saved := store.load()) is not None:
-        for name in PERSISTED_STATE:
-            if name in saved:
-                context.state[name] = ConfigRecord(saved[name])
-    generator = torch.Generator().manual_seed(node_seed(cfg.seed, server_round, partition_id))
+    dp, quant = dp_settings(cfg), quant_settings(cfg)
+    state = node_state(context, store, private=dp is not None)
 
     global_state = msg.content[ARRAYS_KEY].to_torch_state_dict()
     model = build_model(cfg.model, seed=cfg.seed)
@@ -181,28 +218,23 @@ def local_train(msg: Message, context: Context) -> LocalRound:
     for _, layer in quantizable_layers(model):
         layer.act_scale = cfg.act_scale
 
-    dp, quant = dp_settings(cfg), quant_settings(cfg)
     plan = round_plan(
         len(data), batch_size=cfg.batch_size, epochs=cfg.local_epochs, max_steps=cfg.local_steps
     )
-    scheduler = None
-    if quant is not None:
-        n_layers = len(quantizable_layers(model))
-        scheduler = load_scheduler(
-            context.state, n_layers=n_layers, quant=quant, seed=node_seed(cfg.seed, partition_id)
+    scheduler = state.scheduler
+    if quant is not None and scheduler is None:
+        scheduler = new_scheduler(
+            n_layers=len(quantizable_layers(model)), quant=quant,
+            seed=node_seed(cfg.seed, partition_id),
         )
     ledger, noise = None, None
     if dp is not None:
-        privacy = context.state.get(PRIVACY_STATE)
-        if privacy is None:
+        if state.privacy is None:
             # Calibrated once, for every round the run plans; never re-derived.
             noise = calibrate_client_noise(plan, rounds=cfg.num_server_rounds, dp=dp, quant=quant)
             ledger = PrivacyLedger()
         else:
-            noise = float(privacy["noise-multiplier"])
-            ledger = PrivacyLedger.from_dict(
-                {k: privacy[k] for k in ("noise", "rate", "steps")}
-            )
+            noise, ledger = state.privacy.noise_multiplier, state.privacy.ledger
         this_round = planned_mechanisms(
             plan,
             rounds=1,
@@ -210,10 +242,11 @@ def local_train(msg: Message, context: Context) -> LocalRound:
             quant=quant,
             epochs_before=scheduler.epochs_done if scheduler else 0,
         )
-        if ledger.epsilon_if(*this_round, delta=dp.target_delta) > dp.target_epsilon:
+        budget = {"delta": dp.target_delta, "accountant": dp.accountant}
+        if ledger.epsilon_if(*this_round, **budget) > dp.target_epsilon:
             return LocalRound(
-                cfg, server_round, global_state, global_state, {}, generator,
-                exhausted_epsilon=ledger.epsilon(delta=dp.target_delta),
+                cfg, server_round, partition_id, global_state, global_state, {},
+                exhausted_epsilon=ledger.epsilon(**budget),
             )
 
     stats = train_round(
@@ -223,8 +256,8 @@ def local_train(msg: Message, context: Context) -> LocalRound:
         lr=cfg.lr,
         momentum=cfg.momentum,
         batch_size=cfg.batch_size,
-        generator=generator,
-        scheduler=scheduler,
+        privacy_rng=privacy_generator(cfg, server_round, partition_id),
+        scheduler=scheduler if quant is not None else None,
         quant=quant,
         noise_multiplier=noise,
         max_grad_norm=cfg.max_grad_norm,
@@ -233,26 +266,25 @@ def local_train(msg: Message, context: Context) -> LocalRound:
 
     metrics: dict[str, int | float | list[int]] = {
         "num-examples": len(data),
-        "train-loss": stats.loss,
         "server-round": server_round,
         "speedup": stats.speedup,
         "local-epochs": stats.epochs,
         "quantized-epochs": stats.quantized_epochs,
     }
-    if scheduler is not None:
-        context.state[SCHEDULER_STATE] = ConfigRecord(scheduler.to_dict())
+    privacy = state.privacy
     if dp is not None and ledger is not None and noise is not None:
-        context.state[PRIVACY_STATE] = ConfigRecord(
-            {**ledger.to_dict(), "noise-multiplier": noise}
-        )
-        metrics["epsilon"] = ledger.epsilon(delta=dp.target_delta)
+        privacy = PrivacyRecord(ledger, noise)
+        metrics["epsilon"] = ledger.epsilon(delta=dp.target_delta, accountant=dp.accountant)
         metrics["noise-multiplier"] = noise
+    new_state = NodeState(privacy=privacy, scheduler=scheduler)
+    for name, record in new_state.to_records().items():
+        context.state[name] = ConfigRecord(record)
     if store is not None:
         # Saved before the reply exists: a crash after this point over-counts, never under.
-        store.save(
-            {name: dict(context.state[name]) for name in PERSISTED_STATE if name in context.state}
-        )
-    return LocalRound(cfg, server_round, global_state, model.state_dict(), metrics, generator)
+        store.save(new_state)
+    return LocalRound(
+        cfg, server_round, partition_id, global_state, model.state_dict(), metrics
+    )
 
 
 def _budget_exhausted(msg: Message, server_round: int, epsilon: float) -> Message:

@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedquant.data import Partitioning
 from fedquant import dpquant
+from fedquant.accounting import Accountant
+from fedquant.data import Partitioning
 from fedquant.dpquant import QuantPolicy
 from fedquant.fakequant import ActScale, QuantFormat
 from fedquant.models import ModelName
@@ -88,11 +89,16 @@ class RunConfig:
     # deployed SuperNode's node config "state-dir" takes precedence).
     resume: bool = False
     client_state_dir: str = ""
-    # Sample-level DP-SGD (Opacus): (ε, δ) for each client over the whole run.
+    # Sample-level DP-SGD (Opacus): (ε, δ) for each client over the whole run, measured
+    # by `accountant`. The noise is secret (OS entropy on the client) unless
+    # dp_noise_seeded, which derives it from the run seed for bit-identical runs and so
+    # gives up the guarantee against anyone who knows the seed (the server).
     dp: bool = True
     target_epsilon: float = 8.0
     target_delta: float = 1e-5
     max_grad_norm: float = 1.0
+    accountant: Accountant = Accountant.PRV
+    dp_noise_seeded: bool = False
     # DPQuant (paper A): which layers train in low precision, and its open knobs.
     quant_policy: QuantPolicy = QuantPolicy.DPQUANT
     quant_train_ratio: float = 0.5
@@ -167,6 +173,18 @@ class RunConfig:
     def quantized(self) -> bool:
         return self.bits != UNQUANTIZED_BITS
 
+    @property
+    def privacy_warning(self) -> str | None:
+        """What this run gives up, if its DP noise can be reproduced by the server."""
+        if not (self.dp and self.dp_noise_seeded):
+            return None
+        return (
+            "dp-noise-seeded = true: the DP noise, Poisson batches and DPQuant estimator "
+            f"draws are derived from the run seed ({self.seed}), so whoever knows the seed "
+            "(the server) can reproduce and subtract them; the reported epsilon does not "
+            "hold against the server. Use it for reproducible experiments only."
+        )
+
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any], *, strict: bool = False) -> RunConfig:
         """Build from Flower's run config (kebab-case keys, TOML-typed values).
@@ -204,6 +222,7 @@ def _positive_int(config: RunConfig, name: str) -> None:
 
 
 _ENUMS = {
+    "Accountant": Accountant,
     "QuantPolicy": QuantPolicy,
     "QuantFormat": QuantFormat,
     "ActScale": ActScale,

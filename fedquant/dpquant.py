@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from opacus.optimizers.optimizer import _generate_noise
 from torch import nn
 
 __all__ = [
@@ -394,7 +395,8 @@ def estimate_sensitivity(
     local dataset D. Then:
 
     * B: Poisson subsample of D, each example kept independently with rate q_a
-      (``sample_rate``), drawn from ``generator``;
+      (``sample_rate``), drawn from ``generator`` (secret: the client's OS-entropy
+      generator, like DP-SGD's; a seed the server knows voids the guarantee);
     * r(x)_i = loss_i(x) − loss_fp(x) for x in B (n + 1 batched forward passes);
     * r(x) ← r(x) · min(1, C_a / ‖r(x)‖₂) (``clip`` = C_a);
     * R̂ = (Σ_{x∈B} r(x) + N(0, σ_a² C_a² I_n)) / (q_a · |D|) (``noise_multiplier`` = σ_a).
@@ -444,8 +446,15 @@ def estimate_sensitivity(
         norm = torch.linalg.vector_norm(r, dim=1, keepdim=True)  # (B, 1)
         scale = torch.where(norm > clip, clip / norm.clamp_min(torch.finfo(r.dtype).tiny), 1.0)
         total = (r * scale).sum(dim=0)  # (n,)
-    noise = torch.randn(n_layers, generator=generator, device=device, dtype=torch.float64)
-    total = total + noise.cpu() * (float(noise_multiplier) * float(clip))
+    # Opacus' secure-mode sampler (robust to floating-point attacks; see
+    # fedquant.private.private_engine), as for the training noise.
+    noise = _generate_noise(
+        std=float(noise_multiplier) * float(clip),
+        reference=torch.zeros(n_layers, dtype=torch.float64, device=device),
+        generator=generator,
+        secure_mode=True,
+    )
+    total = total + noise.cpu().to(torch.float64)
     return (total / (float(sample_rate) * size)).numpy()
 
 

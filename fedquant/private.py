@@ -10,11 +10,21 @@ one more SGM application (q_a, σ_a, clip C_a). Both go into the client's one
 :class:`~fedquant.accounting.PrivacyLedger`, which the caller persists across rounds,
 so ε is cumulative. σ is calibrated once, before the first round, for every round the
 run plans (:func:`calibrate_client_noise`) and never re-derived.
+
+Secrecy: the guarantee only holds against the server if it cannot reproduce the
+randomness that protects the data. Every draw that does (DP-SGD's noise, its Poisson
+batches, the estimator's subsample and noise) comes from the one ``privacy_rng`` the
+caller passes in, which a client seeds from OS entropy (``clients.client_app``), and the
+noise goes through Opacus' secure-mode sampler (:func:`private_engine`). Nothing else
+computed from the examples is returned: the round's statistics are derived from the plan
+(expected batch sizes), never from the realised Poisson batches or losses.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +33,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedquant.accounting import MechanismStep, PrivacyLedger, calibrate_noise
+from fedquant.accounting import Accountant, MechanismStep, PrivacyLedger, calibrate_noise
 from fedquant.data import Split
 from fedquant.dpquant import (
     LayerScheduler,
@@ -38,11 +48,12 @@ from fedquant.fakequant import QuantFormat, quantizable_layers, set_quantized
 
 @dataclass(frozen=True)
 class DPSettings:
-    """Sample-level DP for one client over the whole run."""
+    """Sample-level DP for one client over the whole run, as ``accountant`` measures it."""
 
     target_epsilon: float
     target_delta: float
     max_grad_norm: float
+    accountant: Accountant
 
 
 @dataclass(frozen=True)
@@ -116,7 +127,12 @@ def estimator_queries(
 
 
 def planned_mechanisms(
-    plan: RoundPlan, *, rounds: int, noise: float, quant: QuantSettings | None, epochs_before: int = 0
+    plan: RoundPlan,
+    *,
+    rounds: int,
+    noise: float,
+    quant: QuantSettings | None,
+    epochs_before: int = 0,
 ) -> list[MechanismStep]:
     """Every SGM application of ``rounds`` rounds: training steps and estimator queries."""
     training = [MechanismStep(noise, plan.sample_rate, plan.steps * rounds)] if rounds else []
@@ -125,11 +141,14 @@ def planned_mechanisms(
     )
 
 
+@functools.lru_cache(maxsize=64)
 def calibrate_client_noise(
     plan: RoundPlan, *, rounds: int, dp: DPSettings, quant: QuantSettings | None
 ) -> float:
     """σ such that all planned rounds (and estimator queries) meet (ε, δ).
 
+    Cached: a PRV calibration takes seconds, and the simulated clients sharing a process
+    (a Ray worker, the in-process grid) mostly share a plan (equal partition sizes).
     Raises ValueError (from ``calibrate_noise``) when no allowed σ can meet it.
     """
     return calibrate_noise(
@@ -137,13 +156,39 @@ def calibrate_client_noise(
         delta=dp.target_delta,
         sample_rate=plan.sample_rate,
         steps=plan.steps * rounds,
+        accountant=dp.accountant,
         extra=estimator_queries(plan, rounds=rounds, quant=quant),
     )
 
 
+def private_engine(rng: torch.Generator) -> PrivacyEngine:
+    """An Opacus ``PrivacyEngine`` in secure mode, drawing every random bit from ``rng``.
+
+    Opacus' ``secure_mode=True`` does two things: (1) noise robust to floating-point
+    attacks (Mironov 2012; Holohan & Braghin, arXiv 2107.10138, §5.1): each coordinate
+    is the sum of 2n = 4 Gaussians / 2, after one discarded draw
+    (``opacus.optimizers.optimizer._generate_noise``); (2) a CSPRNG from torchcsprng for
+    that noise and for the Poisson batch sampler. torchcsprng's last release (0.2.1,
+    2021) has wheels for Python <= 3.9 and torch 1.8 only, so (2) cannot be had with
+    torch 2.13 and PrivacyEngine(secure_mode=True) raises ImportError. This engine is
+    built in non-secure mode (its warning about that is silenced here, where it is not
+    true) and then switched to secure mode by hand: the optimizer gets the secure noise
+    path (1), and the optimizer and ``DPDataLoader`` take ``rng`` as Opacus'
+    ``secure_rng``. The caller seeds ``rng`` with 64 bits of OS entropy; caveat:
+    torch's generator is a Mersenne Twister, not a CSPRNG: its state is secret but,
+    unlike torchcsprng's, could in principle be inferred from enough raw outputs,
+    which never leave the client here (only their sums with clipped gradients do).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+    engine.secure_mode = True
+    engine.secure_rng = rng
+    return engine
+
+
 @dataclass
 class RoundStats:
-    loss: float
     steps: int
     epochs: int
     quantized_epochs: list[int] = field(default_factory=list)  # per layer: epochs quantized
@@ -169,7 +214,7 @@ def train_round(
     lr: float,
     momentum: float,
     batch_size: int,
-    generator: torch.Generator,
+    privacy_rng: torch.Generator,
     scheduler: LayerScheduler | None,
     quant: QuantSettings | None,
     noise_multiplier: float | None,
@@ -179,9 +224,11 @@ def train_round(
     """Local epochs of (DP-)SGD, quantizing the scheduler's layers each epoch.
 
     With ``noise_multiplier`` set, the model trains with Opacus (Poisson sampling,
-    per-sample clipping to ``max_grad_norm``, Gaussian noise) and every mechanism
-    application — training steps and sensitivity estimates — is recorded in ``ledger``.
-    Without it, plain SGD; estimates then use no noise and nothing is charged.
+    per-sample clipping to ``max_grad_norm``, Gaussian noise; :func:`private_engine`)
+    and every mechanism application — training steps and sensitivity estimates — is
+    recorded in ``ledger``. Without it, plain SGD; estimates then use no noise and
+    nothing is charged. ``privacy_rng`` drives the noise, the batches and the estimator's
+    subsample: secret (OS entropy) for a private client, seeded for reproducible runs.
     """
     private = noise_multiplier is not None
     layers = [m for _, m in quantizable_layers(model)]
@@ -190,13 +237,13 @@ def train_round(
         TensorDataset(data.images, data.labels),
         batch_size=batch_size,
         shuffle=not private,  # Opacus replaces it with Poisson sampling
-        generator=generator,
+        generator=privacy_rng,
     )
     optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     trained: nn.Module = model
     engine = None
     if private:
-        engine = PrivacyEngine(accountant="rdp")
+        engine = private_engine(privacy_rng)
         trained, optimizer, loader = engine.make_private(
             module=model,
             optimizer=optimizer,
@@ -204,14 +251,12 @@ def train_round(
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
             poisson_sampling=True,
-            noise_generator=generator,
         )
 
     flops = layer_flops(model, layers, data.images[:1])
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    stats = RoundStats(loss=0.0, steps=0, epochs=0, quantized_epochs=[0] * n_layers)
+    stats = RoundStats(steps=0, epochs=0, quantized_epochs=[0] * n_layers)
     speedups: list[float] = []
-    total_loss, seen = 0.0, 0
     for _ in range(plan.epochs):
         if plan.max_steps and stats.steps >= plan.max_steps:
             break
@@ -228,7 +273,7 @@ def train_round(
                     sample_rate=quant.estimator_rate,
                     clip=quant.estimator_clip,
                     noise_multiplier=quant.estimator_noise if private else 0.0,
-                    generator=generator,
+                    generator=privacy_rng,
                 )
                 scheduler.update_sensitivity(estimate)
                 if private and ledger is not None:
@@ -245,7 +290,7 @@ def train_round(
         for i in chosen:
             stats.quantized_epochs[i] += 1
         model.train()
-        epoch_samples = 0
+        epoch_steps = 0
         for images, labels in loader:
             if plan.max_steps and stats.steps >= plan.max_steps:
                 break
@@ -256,13 +301,12 @@ def train_round(
             loss.backward()
             optimizer.step()
             stats.steps += 1
-            total_loss += loss.item() * len(labels)
-            seen += len(labels)
-            epoch_samples += len(labels)
+            epoch_steps += 1
         stats.epochs += 1
-        if epoch_samples == 0:
-            continue  # every Poisson batch was empty: no training work to speed up
-        # Training costs ~3 forward passes (forward, two backward matmuls) per sample.
+        # Training costs ~3 forward passes (forward, two backward matmuls) per sample,
+        # counted at the expected batch size q·|D|: the realised Poisson batch sizes are
+        # part of the mechanism's secret randomness and must not shape what is reported.
+        epoch_samples = epoch_steps * plan.sample_rate * len(data)
         speedups.append(
             theoretical_speedup(
                 [3 * f * epoch_samples for f in flops],
@@ -277,6 +321,5 @@ def train_round(
             ledger.record(noise_multiplier=noise, sample_rate=rate, steps=steps)
     if private and hasattr(trained, "_close"):
         trained._close()  # remove Opacus hooks; the model object is reused for the reply
-    stats.loss = total_loss / max(seen, 1)
     stats.speedup = float(np.mean(speedups)) if speedups else 1.0
     return stats

@@ -97,9 +97,7 @@ def stock_train(msg: Message, context: Context) -> Message:
     """fedquant's local training, then a stock float32 reply (Flower's quickstart apps)."""
     # Looked up on the module at call time, so that the timing wrapper applies here too.
     result = fq_client.local_train(msg, context)
-    metrics = MetricRecord(
-        {"num-examples": result.metrics["num-examples"], "train-loss": result.metrics["train-loss"]}
-    )
+    metrics = MetricRecord({"num-examples": result.metrics["num-examples"]})
     content = RecordDict({ARRAYS_KEY: ArrayRecord(result.local_state), METRICS_KEY: metrics})
     return Message(content=content, reply_to=msg)
 

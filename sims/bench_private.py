@@ -7,13 +7,18 @@ dpquant} at each quantization ratio; final test accuracy as mean ± std over see
 the theoretical training speedup (paper A's formula from per-layer FLOPs and the layers
 that actually ran quantized, estimator cost included). Every cell runs the real
 ServerApp loop, strategy and ClientApp through ``sims.inprocess.InProcessGrid``, with
-the same clients, rounds and seeds. Then DP-SGD samples per second (Opacus, hooks)
-with and without fake quantization, measured in the same run.
+the same clients, rounds and seeds, and with ``dp-noise-seeded = true`` so that a cell
+reruns bit for bit and cells with the same seed share their noise stream (a benchmark,
+not a private deployment). Then the accountants: the noise multiplier RDP and PRV
+calibrate for the same plans and targets, and the accuracy each gives at the same seeds.
+Last, DP-SGD samples per second (Opacus, hooks) with and without fake quantization,
+measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import statistics
 import sys
@@ -25,22 +30,34 @@ from typing import Any
 from sims.bench import collect, run_sweep, sweep_parser, write_report
 
 POLICIES = ("static", "random", "dpquant")
-CELL_KEYS = ("dp", "target-epsilon", "quant-policy", "quant-train-ratio", "seed")
+ACCOUNTANTS = ("rdp", "prv")
+CELL_KEYS = ("dp", "target-epsilon", "accountant", "quant-policy", "quant-train-ratio", "seed")
 
 
 def cells(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The policy grid (``args.accountant``), then the accountant comparison."""
     privacy: list[float | None] = [None, *args.epsilons]
-    rows: list[tuple[float | None, str, float]] = []
+    rows: list[tuple[float | None, str, str, float]] = []
     for eps in privacy:
-        rows.append((eps, "none", 0.0))
-        rows += [(eps, policy, ratio) for policy, ratio in itertools.product(POLICIES, args.ratios)]
-    out = []
-    for (eps, policy, ratio), seed in itertools.product(rows, args.seeds):
-        name = f"{'nodp' if eps is None else f'eps{eps:g}'}-{policy}-r{ratio:g}-s{seed}"
-        out.append(
+        rows.append((eps, args.accountant, "none", 0.0))
+        rows += [
+            (eps, args.accountant, policy, ratio)
+            for policy, ratio in itertools.product(POLICIES, args.ratios)
+        ]
+    rows += [
+        (eps, accountant, "dpquant", 0.5)
+        for eps, accountant in itertools.product(args.accountant_epsilons, ACCOUNTANTS)
+    ]
+    out: dict[str, dict[str, Any]] = {}  # by name: the comparison repeats some grid cells
+    for (eps, accountant, policy, ratio), seed in itertools.product(rows, args.seeds):
+        privacy_name = "nodp" if eps is None else f"eps{eps:g}-{accountant}"
+        name = f"{privacy_name}-{policy}-r{ratio:g}-s{seed}"
+        out[name] = (
             {
                 "dp": eps is not None,
                 "target-epsilon": eps if eps is not None else 8.0,
+                "accountant": accountant,
+                "dp-noise-seeded": True,
                 "quant-policy": policy,
                 "quant-train-ratio": ratio,
                 "quant-format": args.format,
@@ -54,44 +71,112 @@ def cells(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "out-dir": str(Path(args.out) / "runs" / name),
             }
         )
-    return out
+    return list(out.values())
 
 
 def _row_key(r: dict[str, Any]) -> tuple[Any, ...]:
-    return (r["dp"], r["target-epsilon"] if r["dp"] else None, r["quant-policy"], r["quant-train-ratio"])
+    privacy = (r["target-epsilon"], r["accountant"]) if r["dp"] else None
+    return (r["dp"], privacy, r["quant-policy"], r["quant-train-ratio"])
 
 
-def table(results: list[dict[str, Any]]) -> list[str]:
+def table(results: list[dict[str, Any]], *, accountant: str) -> list[str]:
+    """The policy grid: rows whose DP runs used ``accountant``."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in results:
-        groups.setdefault(_row_key(r), []).append(r)
+        if not r["dp"] or r["accountant"] == accountant:
+            groups.setdefault(_row_key(r), []).append(r)
     lines = [
-        "| privacy | policy | ratio | accuracy % (mean ± std) | max epsilon | theoretical speedup |",
+        "| privacy | policy | ratio | accuracy % (mean ± std) | max epsilon | theoretical speedup"
+        " |",
         "|---|---|---|---|---|---|",
     ]
-    for (dp, eps, policy, ratio), rs in groups.items():
+    for (dp, privacy, policy, ratio), rs in groups.items():
+        eps = privacy[0] if privacy else None
         accs = [100 * r["final-accuracy"] for r in rs]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         speed = statistics.mean(r["mean-speedup"] or 1.0 for r in rs)
         max_eps = max(r["max-epsilon"] for r in rs)
-        privacy = f"DP, epsilon {eps:g}" if dp else "no DP"
+        shown = f"DP, epsilon {eps:g} ({accountant})" if dp else "no DP"
         shown_ratio = "-" if policy == "none" else f"{ratio:g}"
         lines.append(
-            f"| {privacy} | {policy} | {shown_ratio} | {statistics.mean(accs):.2f} ± {std:.2f}"
+            f"| {shown} | {policy} | {shown_ratio} | {statistics.mean(accs):.2f} ± {std:.2f}"
             f" | {max_eps:.3f} | {speed:.2f} |"
         )
+    return lines
+
+
+def accountant_table(results: list[dict[str, Any]], epsilons: Sequence[float]) -> list[str]:
+    """Accuracy of RDP- and PRV-calibrated runs at the same targets and seeds."""
+    lines = [
+        "| target epsilon | accountant | accuracy % (mean ± std) | max epsilon reported |",
+        "|---|---|---|---|",
+    ]
+    for eps, accountant in itertools.product(epsilons, ACCOUNTANTS):
+        rs = [
+            r for r in results
+            if r["dp"] and r["target-epsilon"] == eps and r["accountant"] == accountant
+            and r["quant-policy"] == "dpquant" and r["quant-train-ratio"] == 0.5
+        ]
+        if not rs:
+            continue
+        accs = [100 * r["final-accuracy"] for r in rs]
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        lines.append(
+            f"| {eps:g} | {accountant} | {statistics.mean(accs):.2f} ± {std:.2f}"
+            f" | {max(r['max-epsilon'] for r in rs):.3f} |"
+        )
+    return lines
+
+
+def calibrated_noise(epsilons: Sequence[float]) -> list[str]:
+    """σ that RDP and PRV calibrate for the default plan and for 20 local epochs a round.
+
+    The plans of the default run config (10 IID clients of 5,000 examples, batch 64,
+    5 rounds, DPQuant's estimator queries included), computed the way each client does.
+    """
+    from clients.client_app import dp_settings, quant_settings
+    from fedquant.accounting import Accountant
+    from fedquant.config import RunConfig
+    from fedquant.private import calibrate_client_noise, round_plan
+
+    plans = {
+        "default (20 steps/round)": RunConfig(),
+        "20 local epochs/round": RunConfig(local_epochs=20, local_steps=0),
+    }
+    lines = [
+        "| plan | DP-SGD steps | target epsilon | sigma RDP | sigma PRV | PRV / RDP |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, base in plans.items():
+        plan = round_plan(
+            5000, batch_size=base.batch_size, epochs=base.local_epochs, max_steps=base.local_steps
+        )
+        for eps in epsilons:
+            sigma = {}
+            for accountant in Accountant:
+                cfg = dataclasses.replace(base, target_epsilon=eps, accountant=accountant)
+                dp = dp_settings(cfg)
+                assert dp is not None
+                sigma[accountant] = calibrate_client_noise(
+                    plan, rounds=cfg.num_server_rounds, dp=dp, quant=quant_settings(cfg)
+                )
+            rdp, prv = sigma[Accountant.RDP], sigma[Accountant.PRV]
+            lines.append(
+                f"| {label} | {plan.steps * base.num_server_rounds} | {eps:g} | {rdp:.4f}"
+                f" | {prv:.4f} | {prv / rdp:.3f} |"
+            )
     return lines
 
 
 def dp_sgd_throughput(*, model_name: str, batch_size: int, steps: int, seed: int = 0) -> list[str]:
     """DP-SGD samples/s (Opacus hooks, 1 thread) with no layer vs all layers fake-quantized."""
     import torch
-    from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
     from fedquant.data import load_mnist
     from fedquant.fakequant import QuantFormat, quantizable_layers, set_quantized
     from fedquant.models import ModelName, build_model
+    from fedquant.private import private_engine
 
     torch.set_num_threads(1)
     train = load_mnist().train
@@ -100,15 +185,15 @@ def dp_sgd_throughput(*, model_name: str, batch_size: int, steps: int, seed: int
     def measure(fmt: QuantFormat | None) -> float:
         model = build_model(ModelName(model_name), seed=seed)
         set_quantized(model, range(len(quantizable_layers(model))) if fmt else [], fmt)
-        loader = DataLoader(TensorDataset(train.images[:n], train.labels[:n]), batch_size=batch_size)
-        engine = PrivacyEngine(accountant="rdp")
+        examples = TensorDataset(train.images[:n], train.labels[:n])
+        loader = DataLoader(examples, batch_size=batch_size)
+        engine = private_engine(torch.Generator().manual_seed(seed))
         module, optimizer, loader = engine.make_private(
             module=model,
             optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
             data_loader=loader,
             noise_multiplier=1.0,
             max_grad_norm=1.0,
-            noise_generator=torch.Generator().manual_seed(seed),
         )
         loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
         seen, start = 0, time.perf_counter()
@@ -141,9 +226,16 @@ def dp_sgd_throughput(*, model_name: str, batch_size: int, steps: int, seed: int
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = sweep_parser(
-        "python -m sims.bench_private", __doc__, rounds=3, local_steps=10, out="outputs/bench-private"
+        "python -m sims.bench_private", __doc__, rounds=3, local_steps=10,
+        out="outputs/bench-private",
     )
     parser.add_argument("--epsilons", nargs="+", type=float, default=[8.0, 4.0])
+    parser.add_argument("--accountant", choices=ACCOUNTANTS, default="prv",
+                        help="accountant of the policy grid (default prv)")
+    parser.add_argument("--accountant-epsilons", nargs="+", type=float, default=[2.0, 8.0],
+                        help="targets at which RDP and PRV runs are compared")
+    parser.add_argument("--noise-epsilons", nargs="+", type=float, default=[1.0, 2.0, 4.0, 8.0],
+                        help="targets at which the calibrated noise multipliers are printed")
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.9])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--model", default="cnn")
@@ -151,9 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     report: list[str] = []
+    results: list[dict[str, Any]] = []
     if args.collect:
         results = collect(args.out, CELL_KEYS)
-        report += [f"{len(results)} finished runs collected from {args.out}:", "", *table(results)]
+        report += [f"{len(results)} finished runs collected from {args.out}:"]
     elif not args.skip_accuracy:
         results = run_sweep(cells(args), jobs=args.jobs, out=args.out)
         report.append(
@@ -161,7 +254,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             f" {args.local_steps} local steps of batch {args.batch_size}, model {args.model},"
             f" training format {args.format}, seeds {args.seeds}:"
         )
-        report += ["", *table(results)]
+    if results:
+        report += ["", *table(results, accountant=args.accountant)]
+        report += [
+            "", "Accountants at the same seeds (DPQuant, ratio 0.5):",
+            *accountant_table(results, args.accountant_epsilons),
+        ]
+    report += [
+        "", "Noise multiplier calibrated by each accountant (delta 1e-5, 5 rounds, 5,000 "
+        "examples, batch 64, DPQuant's estimator queries included):",
+        *calibrated_noise(args.noise_epsilons),
+    ]
     report += ["", *dp_sgd_throughput(model_name=args.model, batch_size=args.batch_size, steps=40)]
     write_report(report, args.out)
     return 0

@@ -558,7 +558,8 @@ def deploy_overrides(
 
     ``out-dir`` defaults to outputs/deploy (made absolute). Raises ConfigError (the
     key and value named) before anything starts; also when the overrides set
-    ``num-supernodes`` to another number than ``supernodes``.
+    ``num-supernodes`` to another number than ``supernodes``, and for
+    ``dp-noise-seeded = true``: real clients' noise must stay secret from the server.
     """
     if supernodes < 1:
         raise ConfigError("num-supernodes", supernodes, "--supernodes must be >= 1")
@@ -570,6 +571,12 @@ def deploy_overrides(
             "num-supernodes",
             given["num-supernodes"],
             f"is set by --supernodes in a deployment (here {supernodes})",
+        )
+    if given.get("dp-noise-seeded") is True:
+        raise ConfigError(
+            "dp-noise-seeded", True,
+            "refused in a deployment: seeded DP noise can be reproduced by the server, "
+            "so real clients' data would not be private against it",
         )
     extra = [f"num-supernodes={supernodes}"]
     if "out-dir" not in given:

@@ -14,7 +14,6 @@ COLUMNS = (
     "round",
     "accuracy",
     "loss",
-    "train-loss",
     "accepted",
     "rejected",
     "failed",
@@ -55,6 +54,8 @@ class RunReport:
         self.config = dict(config)
         self.rows: list[dict[str, Any]] = []
         self.initial: dict[str, float] = {}
+        # What the run gives up (e.g. seeded DP noise), repeated in results.json.
+        self.warnings: list[str] = []
 
     def add_round(self, row: Mapping[str, Any]) -> dict[str, Any]:
         full = {c: row.get(c) for c in COLUMNS}
@@ -91,6 +92,7 @@ class RunReport:
     def write(self) -> None:
         payload = {
             "config": self.config,
+            "warnings": self.warnings,
             "initial": self.initial,
             "rounds": self.rows,
             "summary": self.summary(),

@@ -248,6 +248,8 @@ def run_simulation(
     if ray_address is not None:
         check_ray_address(ray_address)
     cfg, parsed = resolve_run_config(overrides)
+    if warning := cfg.privacy_warning:
+        print(f"warning: {warning}", file=sys.stderr)
     if cfg.resume and cfg.dp and not cfg.client_state_dir:
         raise ConfigError(
             "client-state-dir", cfg.client_state_dir,

@@ -82,6 +82,9 @@ def run(grid: Grid, cfg: RunConfig, strategy: QuantizedStrategy) -> RunReport:
     test = load_mnist().test
     model = build_model(cfg.model, seed=cfg.seed)
     report = RunReport(cfg.out_dir, cfg.to_flower())
+    if warning := cfg.privacy_warning:
+        log(WARNING, "[fedquant] %s", warning)
+        report.warnings.append(warning)
     arrays = ArrayRecord(model.state_dict())
     first_round = 1
     checkpoint = load_checkpoint(cfg.out_dir) if cfg.resume else None

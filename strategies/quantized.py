@@ -85,7 +85,6 @@ class ClientReply:
     update: dict[str, np.ndarray]
     mse: dict[str, float]
     num_examples: int
-    train_loss: float
     uplink_bytes: int
     epsilon: float | None
     speedup: float
@@ -294,7 +293,6 @@ class QuantizedStrategy(Strategy):
         if reply_round != server_round:
             reason = f"reply is for round {reply_round}, not {server_round}"
             raise PayloadError(tensor=None, field="server-round", reason=reason)
-        train_loss = _metric(metrics, "train-loss", float)
         epsilon = _metric(metrics, "epsilon", float) if "epsilon" in metrics else None
         if epsilon is not None and epsilon < 0:
             raise PayloadError(tensor=None, field="epsilon", reason=f"must be >= 0, got {epsilon}")
@@ -329,7 +327,6 @@ class QuantizedStrategy(Strategy):
             update=self._update(decoded, global_arrays),
             mse={k: t.mse for k, t in decoded.items()},
             num_examples=num_examples,
-            train_loss=train_loss,
             uplink_bytes=serialized_size(content),
             epsilon=epsilon,
             speedup=speedup,
@@ -406,11 +403,6 @@ class QuantizedStrategy(Strategy):
                 "speedup": float(np.mean([r.speedup for r in accepted])) if accepted else 1.0,
                 "quantized-layer-fraction": layer_fraction,
                 "num-examples": examples,
-                "train-loss": (
-                    sum(r.train_loss * r.num_examples for r in accepted) / examples
-                    if examples
-                    else 0.0
-                ),
                 "uplink-bytes": sum(r.uplink_bytes for r in accepted),
                 "uplink-float32-bytes": float32_bytes * len(accepted),
                 "mse-mean": float(np.mean(mses)) if mses else 0.0,
@@ -536,9 +528,7 @@ def _as_float_reply(reply: ClientReply, global_arrays: Mapping[str, np.ndarray])
             ARRAYS_KEY: ArrayRecord(
                 {k: Array(np.asarray(v, np.float32)) for k, v in weights.items()}
             ),
-            METRICS_KEY: MetricRecord(
-                {"num-examples": reply.num_examples, "train-loss": reply.train_loss}
-            ),
+            METRICS_KEY: MetricRecord({"num-examples": reply.num_examples}),
         }
     )
     return Message(content=content, dst_node_id=reply.node_id, message_type=MessageType.TRAIN)

@@ -79,7 +79,9 @@ def run_with(grid: RecordingGrid, cfg: RunConfig) -> RecordingGrid:
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"dp": True, "aggregator": "error-weighted"},  # client ledgers must continue too
+        # Client ledgers must continue too; bit-identical DP runs need the (opt-in,
+        # non-private) seeded noise.
+        {"dp": True, "aggregator": "error-weighted", "dp_noise_seeded": True},
         {"dp": False, "quant_policy": "none", "aggregator": "flwr:FedAdam"},  # optimizer state
     ],
     ids=["dp-error-weighted", "fedadam"],
@@ -111,8 +113,11 @@ def test_resume_ends_with_the_uninterrupted_result(tmp_path: Path, overrides: di
     assert final_resumed.server_round == 3
     for name, value in final_whole.arrays.items():
         np.testing.assert_array_equal(final_resumed.arrays[name], value, err_msg=name)
-    rows_whole = json.loads(Path(whole.out_dir, "results.json").read_text())["rounds"]
+    results_whole = json.loads(Path(whole.out_dir, "results.json").read_text())
+    rows_whole = results_whole["rounds"]
     rows_resumed = json.loads(Path(resumed.out_dir, "results.json").read_text())["rounds"]
+    # What seeded noise gives up is written down with the results.
+    assert results_whole["warnings"] == ([whole.privacy_warning] if whole.dp else [])
     assert rows_resumed == rows_whole  # accuracy, epsilon, bytes: every round, every column
     if whole.dp:
         epsilons = [r["epsilon-max"] for r in rows_whole]

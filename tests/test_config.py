@@ -35,7 +35,8 @@ def test_parses_flower_values() -> None:
         ("momentum", 1.0), ("out-dir", ""), ("model", "resnet9000"),
         ("min-replies", 0), ("min-replies", 11), ("update-norm-factor", 0.5),
         ("update-norm-factor", -1.0), ("trim-ratio", 0.5), ("resume", "yes"),
-        ("client-state-dir", 3),
+        ("client-state-dir", 3), ("accountant", "gdp"), ("accountant", 1),
+        ("dp-noise-seeded", 1), ("dp-noise-seeded", "true"),
     ],
 )
 def test_bad_value_names_key_and_value(key: str, value: object) -> None:
@@ -56,3 +57,10 @@ def test_min_replies_more_than_sampled_is_reported_as_impossible() -> None:
         RunConfig.from_flower({"num-supernodes": 10, "fraction-train": 0.2, "min-replies": 3})
     cfg = RunConfig.from_flower({"num-supernodes": 10, "fraction-train": 0.2, "min-replies": 2})
     assert cfg.min_replies == 2
+
+
+def test_seeded_dp_noise_is_opt_in_and_says_what_it_gives_up() -> None:
+    assert RunConfig().dp_noise_seeded is False and RunConfig().privacy_warning is None
+    seeded = RunConfig.from_flower({"dp-noise-seeded": True})
+    assert seeded.privacy_warning is not None and "server" in seeded.privacy_warning
+    assert RunConfig.from_flower({"dp-noise-seeded": True, "dp": False}).privacy_warning is None

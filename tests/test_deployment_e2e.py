@@ -207,6 +207,7 @@ def test_secure_grpc_deployment_refuses_unknown_and_plaintext_supernodes(
         (["no-such-key=1"], 2, "no-such-key"),
         (["num-supernodes=2"], 3, "num-supernodes"),  # set by --supernodes only
         ([], 0, "num-supernodes"),
+        (["dp-noise-seeded=true"], 2, "dp-noise-seeded"),  # real clients keep noise secret
     ],
 )
 def test_deploy_overrides_name_the_bad_key(overrides: list[str], supernodes: int, key: str) -> None:

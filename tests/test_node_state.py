@@ -9,21 +9,33 @@ from pathlib import Path
 import pytest
 from flwr.app import Context, RecordDict
 
-from clients.client_app import PRIVACY_STATE, SCHEDULER_STATE
+from fedquant.accounting import MechanismStep, PrivacyLedger
 from fedquant.config import RunConfig
-from fedquant.node_state import STATE_FILE, NodeStateError, NodeStateStore
+from fedquant.dpquant import LayerScheduler, QuantPolicy
+from fedquant.node_state import (
+    PRIVACY_RECORD,
+    SCHEDULER_RECORD,
+    STATE_FILE,
+    NodeState,
+    NodeStateError,
+    NodeStateStore,
+    PrivacyRecord,
+)
 from tests.test_private_client import CFG, run_client
+
+LEDGER = PrivacyLedger([MechanismStep(1.5, 0.01, 3), MechanismStep(3.0, 0.05, 1)])
 
 
 def test_store_round_trip_is_atomic(tmp_path: Path) -> None:
     store = NodeStateStore(tmp_path / "node")
-    assert store.load() is None
-    records = {
-        PRIVACY_STATE: {"noise": [1.5], "rate": [0.01], "steps": [3], "noise-multiplier": 1.5}
-    }
-    store.save(records)
-    assert store.load() == records
-    store.save({PRIVACY_STATE: {"noise": [], "rate": [], "steps": []}})
+    assert store.load(require_privacy=True) is None
+    scheduler = LayerScheduler(n_layers=4, policy=QuantPolicy.DPQUANT, ratio=0.5)
+    state = NodeState(PrivacyRecord(LEDGER, 1.5), scheduler)
+    store.save(state)
+    loaded = store.load(require_privacy=True)
+    assert loaded is not None and loaded.to_records() == state.to_records()
+    assert loaded.privacy == state.privacy
+    store.save(NodeState(PrivacyRecord(PrivacyLedger([MechanismStep(2.0, 0.1, 1)]), 2.0)))
     assert [p.name for p in (tmp_path / "node").iterdir()] == [STATE_FILE]  # no temp files
 
 
@@ -33,7 +45,79 @@ def test_store_round_trip_is_atomic(tmp_path: Path) -> None:
 def test_unreadable_state_is_an_error_not_a_fresh_start(tmp_path: Path, text: str) -> None:
     (tmp_path / STATE_FILE).write_text(text)
     with pytest.raises(NodeStateError, match=STATE_FILE):
-        NodeStateStore(tmp_path).load()
+        NodeStateStore(tmp_path).load(require_privacy=False)
+
+
+def _saved_privacy() -> dict[str, object]:
+    return PrivacyRecord(LEDGER, 1.5).to_dict()
+
+
+def _without(record: dict[str, object], key: str) -> dict[str, object]:
+    return {k: v for k, v in record.items() if k != key}
+
+
+# (file content, what the error must name). Every one of them is a version-1 file.
+DAMAGED = {
+    "records-empty-object": ({}, PRIVACY_RECORD),
+    "records-empty-list": ([], "records"),
+    "records-missing": (None, "records"),
+    "privacy-record-missing": (
+        {SCHEDULER_RECORD: LayerScheduler(n_layers=4, policy="dpquant", ratio=0.5).to_dict()},
+        PRIVACY_RECORD,
+    ),
+    "privacy-record-empty": ({PRIVACY_RECORD: {}}, "missing field"),
+    "privacy-record-list": ({PRIVACY_RECORD: []}, "mapping"),
+    **{
+        f"missing-{key}": ({PRIVACY_RECORD: _without(_saved_privacy(), key)}, key)
+        for key in ("noise", "rate", "steps", "noise-multiplier", "steps-total")
+    },
+    "noise-multiplier-negative": (
+        {PRIVACY_RECORD: {**_saved_privacy(), "noise-multiplier": -1.5}}, "noise-multiplier"
+    ),
+    "noise-multiplier-nan": (
+        {PRIVACY_RECORD: {**_saved_privacy(), "noise-multiplier": "NaN"}}, "noise-multiplier"
+    ),
+    "noise-multiplier-not-in-ledger": (
+        {PRIVACY_RECORD: {**_saved_privacy(), "noise-multiplier": 1.25}}, "noise-multiplier"
+    ),
+    "ledger-step-negative": (
+        {PRIVACY_RECORD: {**_saved_privacy(), "steps": [-3, 1]}}, "steps"
+    ),
+    "ledger-rate-infinite": (
+        {PRIVACY_RECORD: {**_saved_privacy(), "rate": [1e999, 0.05]}}, "rate"
+    ),
+    "ledger-empty": (
+        {PRIVACY_RECORD: {**_saved_privacy(), "noise": [], "rate": [], "steps": []}}, "empty"
+    ),
+    "ledger-shortened": (
+        {PRIVACY_RECORD: {**_saved_privacy(), "noise": [1.5], "rate": [0.01], "steps": [3]}},
+        "steps-total",
+    ),
+    "ledger-steps-lowered": (
+        {PRIVACY_RECORD: {**_saved_privacy(), "steps": [1, 1]}}, "steps-total"
+    ),
+    "unknown-record": ({PRIVACY_RECORD: _saved_privacy(), "other": {}}, "other"),
+    "scheduler-malformed": (
+        {PRIVACY_RECORD: _saved_privacy(), SCHEDULER_RECORD: {"epochs_done": -1}},
+        SCHEDULER_RECORD,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED))
+def test_damaged_or_incomplete_state_refuses_to_train(tmp_path: Path, case: str) -> None:
+    """Fail closed: a private node whose file exists but lacks a complete, consistent
+    privacy record does not train (it would start a fresh budget), and keeps the file."""
+    records, named = DAMAGED[case]
+    content: dict[str, object] = {"version": 1}
+    if records is not None:
+        content["records"] = records
+    text = json.dumps(content).replace('"NaN"', "NaN")
+    (tmp_path / STATE_FILE).write_text(text)
+    with pytest.raises(NodeStateError, match=STATE_FILE) as err:
+        run_client(CFG, node(tmp_path), 1)
+    assert named in str(err.value)
+    assert (tmp_path / STATE_FILE).read_text() == text  # nothing overwritten
 
 
 def node(state_dir: Path | None, cfg: RunConfig = CFG) -> Context:
@@ -60,14 +144,14 @@ def test_killed_and_restarted_supernode_continues_its_epsilon(tmp_path: Path) ->
     for r in (1, 2):
         run_client(CFG, first, r)
     saved = json.loads((state_dir / STATE_FILE).read_text())["records"]
-    assert set(saved) == {PRIVACY_STATE, SCHEDULER_STATE}
+    assert set(saved) == {PRIVACY_RECORD, SCHEDULER_RECORD}
 
     # The process dies; a new one starts with nothing in memory but the same state dir.
     restarted = node(state_dir)
     after_restart = epsilon(run_client(CFG, restarted, 3).content["metrics"])
     assert after_restart == pytest.approx(expected[2], rel=1e-12)
     assert after_restart > expected[1]
-    assert restarted.state[SCHEDULER_STATE]["epochs_done"] == 3
+    assert restarted.state[SCHEDULER_RECORD]["epochs_done"] == 3
 
     # Control: without the state dir the restarted node would start over at round 1's epsilon.
     forgetful = epsilon(run_client(CFG, node(None), 3).content["metrics"])

@@ -49,6 +49,7 @@ def test_private_dpquant_simulation_with_ray(tmp_path: Path) -> None:
     assert status["status"] == "finished:completed"
     results = json.loads((out / "results.json").read_text())
     rounds = results["rounds"]
+    assert results["warnings"] == []  # the DP noise was secret (not seeded)
     assert rounds[-1]["accuracy"] > 0.3  # chance is 0.1
     # Every client reported its cumulative epsilon; none exceeded the target.
     epsilons = [r["epsilon-max"] for r in rounds]

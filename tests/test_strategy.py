@@ -56,7 +56,7 @@ def reply(
         generator=torch.Generator().manual_seed(node),
     )
     content["metrics"] = MetricRecord(
-        {"num-examples": num_examples, "train-loss": 0.5, "server-round": server_round}
+        {"num-examples": num_examples, "server-round": server_round}
     )
     if epsilon is not None:
         content["metrics"]["epsilon"] = epsilon

@@ -66,7 +66,6 @@ def _content(node: int, bits: int) -> RecordDict:
     content[METRICS_KEY] = MetricRecord(
         {
             "num-examples": 10 * node + 5,
-            "train-loss": 0.5,
             "server-round": ROUND,
             "epsilon": 1.0,
             "local-epochs": 2,
@@ -337,7 +336,7 @@ def missing_or_extra_record(msg: Message, data: st.DataObject) -> Message:
 
 def missing_metric(msg: Message, data: st.DataObject) -> Message:
     del msg.content[METRICS_KEY][
-        data.draw(st.sampled_from(["num-examples", "train-loss", "server-round"]))
+        data.draw(st.sampled_from(["num-examples", "server-round"]))
     ]
     return msg
 
@@ -366,7 +365,6 @@ def other_round(msg: Message, data: st.DataObject) -> Message:
 def bad_other_metric(msg: Message, data: st.DataObject) -> Message:
     key, value = data.draw(
         st.one_of(
-            st.tuples(st.just("train-loss"), not_finite | beyond_float | st.just([0.5])),
             st.tuples(st.just("epsilon"), st.floats(max_value=-1e-300) | not_finite | beyond_float),
             st.tuples(st.just("speedup"), st.floats(max_value=0.0) | not_finite | beyond_float),
             st.tuples(st.just("local-epochs"), st.floats() | st.integers(max_value=-1)),
