@@ -253,7 +253,7 @@ def local_train(msg: Message, context: Context) -> LocalRound:
         model,
         data,
         plan=plan,
-        lr=cfg.lr,
+        lr=cfg.dp_lr if dp is not None else cfg.lr,
         momentum=cfg.momentum,
         batch_size=cfg.batch_size,
         privacy_rng=privacy_generator(cfg, server_round, partition_id),

@@ -39,8 +39,9 @@ from dataclasses import dataclass
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from threadpoolctl import threadpool_limits
 
-__all__ = ["Accountant", "MechanismStep", "PrivacyLedger", "calibrate_noise"]
+__all__ = ["Accountant", "MechanismStep", "PrivacyLedger", "calibrate_noise", "check_target"]
 
 
 class Accountant(enum.Enum):
@@ -161,7 +162,11 @@ def _prv_epsilon(grouped: tuple[MechanismStep, ...], delta: float) -> float:
     prv = PRVAccountant()
     prv.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in grouped]
     try:
-        eps = float(prv.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
+        # One BLAS thread: the discretisation's np.dot over ~10^4 points goes to
+        # OpenBLAS' thread pool, which was seen to deadlock (spinning in exec_blas)
+        # inside Flower's simulation process; at this size one thread costs nothing.
+        with threadpool_limits(limits=1, user_api="blas"):
+            eps = float(prv.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
     except (ValueError, RuntimeError, FloatingPointError, MemoryError):
         return _rdp_epsilon(grouped, delta)
     return eps if math.isfinite(eps) else _rdp_epsilon(grouped, delta)
@@ -279,6 +284,49 @@ class PrivacyLedger:
         return ledger
 
 
+def check_target(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: Accountant,
+    extra: Sequence[MechanismStep] = (),
+    max_noise: float = 1e3,
+) -> None:
+    """Raise ``ValueError`` unless some σ <= ``max_noise`` meets the target (see
+    :func:`calibrate_noise`): when ``extra`` alone already spends it, or when even
+    ``max_noise`` does not meet it. Two ε evaluations, where a calibration takes dozens.
+    """
+    if not _finite(target_epsilon) or target_epsilon <= 0:
+        raise ValueError(f"`target_epsilon` must be finite and > 0. Found `{target_epsilon!r}`.")
+    if not _finite(max_noise) or max_noise <= 0:
+        raise ValueError(f"`max_noise` must be finite and > 0. Found `{max_noise!r}`.")
+    if not isinstance(accountant, Accountant):
+        raise ValueError(f"`accountant` must be an Accountant. Found `{accountant!r}`.")
+    MechanismStep(1.0, sample_rate, steps)  # validates q and steps
+    for entry in extra:
+        if not isinstance(entry, MechanismStep):
+            raise ValueError(f"extra entries must be MechanismStep. Found `{entry!r}`.")
+    target = float(target_epsilon)
+    with warnings.catch_warnings():  # extreme-order warnings of the RDP conversion
+        warnings.simplefilter("ignore")
+        spent = _epsilon(extra, delta, accountant)
+        if spent >= target:
+            raise ValueError(
+                f"target epsilon {target} cannot be met: the estimator queries alone spend "
+                f"{spent:.6g}"
+            )
+        floor = _epsilon(
+            [MechanismStep(float(max_noise), sample_rate, steps), *extra], delta, accountant
+        )
+    if floor > target:
+        raise ValueError(
+            f"target epsilon {target} cannot be met: even at noise multiplier {max_noise} "
+            f"epsilon is {floor:.6g}"
+        )
+
+
 def calibrate_noise(
     *,
     target_epsilon: float,
@@ -295,27 +343,21 @@ def calibrate_noise(
     ``extra`` are fixed queries charged to the same budget (e.g. the DPQuant estimator's
     ``MechanismStep(σ_a, q_a, calls)``); ε is the ``accountant``'s. ε is decreasing in σ,
     so σ is bracketed and then bisected: from 1, halving or doubling, under RDP; from the
-    RDP answer, shrinking by 15% a step, under PRV (PRV needs 4-11% less noise, and each
+    RDP answer, shrinking by 15% a step, under PRV (PRV needs 4-15% less noise, and each
     PRV evaluation costs ~0.1 s where RDP's costs ~1 ms). The result satisfies
     ``target - tol <= ε(σ) <= target``, or, where ε jumps faster than float resolution of σ
     allows, the smallest representable feasible σ found; it is never above the target
     (checked before returning).
 
-    Raises ``ValueError`` when the target is impossible: when ``extra`` alone already
-    spends it, or when even ``max_noise`` does not meet it.
+    Raises ``ValueError`` when the target is impossible (:func:`check_target`).
     """
-    if not _finite(target_epsilon) or target_epsilon <= 0:
-        raise ValueError(f"`target_epsilon` must be finite and > 0. Found `{target_epsilon!r}`.")
-    if not _finite(max_noise) or max_noise <= 0:
-        raise ValueError(f"`max_noise` must be finite and > 0. Found `{max_noise!r}`.")
+    budget = {
+        "target_epsilon": target_epsilon, "delta": delta, "sample_rate": sample_rate,
+        "steps": steps, "extra": extra, "max_noise": max_noise,
+    }
+    check_target(**budget, accountant=accountant)  # type: ignore[arg-type]
     if not _finite(tol) or tol <= 0:
         raise ValueError(f"`tol` must be finite and > 0. Found `{tol!r}`.")
-    if not isinstance(accountant, Accountant):
-        raise ValueError(f"`accountant` must be an Accountant. Found `{accountant!r}`.")
-    MechanismStep(1.0, sample_rate, steps)  # validates q and steps
-    for entry in extra:
-        if not isinstance(entry, MechanismStep):
-            raise ValueError(f"extra entries must be MechanismStep. Found `{entry!r}`.")
     target = float(target_epsilon)
 
     def eps(sigma: float) -> float:
@@ -323,26 +365,14 @@ def calibrate_noise(
             warnings.simplefilter("ignore")
             return _epsilon([MechanismStep(sigma, sample_rate, steps), *extra], delta, accountant)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        spent = _epsilon(extra, delta, accountant)
-    if spent >= target:
-        raise ValueError(
-            f"target epsilon {target} cannot be met: the estimator queries alone spend {spent:.6g}"
-        )
     if accountant is Accountant.RDP:
         start, shrink = min(1.0, float(max_noise)), 0.5
     else:
-        start = calibrate_noise(
-            target_epsilon=target, delta=delta, sample_rate=sample_rate, steps=steps,
-            accountant=Accountant.RDP, extra=extra, max_noise=max_noise, tol=tol,
-        )  # also raises where even max_noise cannot meet the target (RDP >= PRV there)
+        try:
+            start = calibrate_noise(**budget, accountant=Accountant.RDP, tol=tol)  # type: ignore[arg-type]
+        except ValueError:  # RDP cannot meet the target below max_noise; PRV can (checked)
+            start = float(max_noise)
         shrink = 0.85
-    if accountant is Accountant.RDP and (eps_max := eps(max_noise)) > target:
-        raise ValueError(
-            f"target epsilon {target} cannot be met: even at noise multiplier {max_noise} "
-            f"epsilon is {eps_max:.6g}"
-        )
 
     # Bracket: lo infeasible (ε > target, or σ = 0), hi feasible.
     hi = start
@@ -355,12 +385,7 @@ def calibrate_noise(
     else:
         lo = hi
         hi = min(2 * lo, float(max_noise))
-        while eps(hi) > target:
-            if hi >= max_noise:
-                raise ValueError(
-                    f"target epsilon {target} cannot be met: even at noise multiplier "
-                    f"{max_noise} epsilon is {eps(hi):.6g}"
-                )
+        while eps(hi) > target:  # terminates: eps(max_noise) <= target (checked)
             lo, hi = hi, min(2 * hi, float(max_noise))
     eps_hi = eps(hi)
     while target - eps_hi > tol:

@@ -60,8 +60,13 @@ class RunConfig:
     min_train_nodes: int = 1
     local_epochs: int = 1
     local_steps: int = 20
-    batch_size: int = 64
+    # Local SGD. Under DP-SGD the step is dp_lr: a mean of per-example gradients clipped
+    # to norm C plus noise is a much smaller, noisier signal than a raw gradient, and
+    # DP-SGD wants large batches and large steps (De et al. 2022, arXiv 2204.13650);
+    # lr is the step of non-private training, where 1.0 would diverge.
+    batch_size: int = 256
     lr: float = 0.05
+    dp_lr: float = 1.0
     momentum: float = 0.9
     model: ModelName = ModelName.CNN
     bits: int = 4
@@ -138,7 +143,7 @@ class RunConfig:
             raise ConfigError("local-steps", self.local_steps, "must be >= 0 (0: full epochs)")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError("fraction-train", self.fraction_train, "must be in (0, 1]")
-        for name in ("lr", "mse_floor", "max_clip", "dirichlet_alpha", "round_timeout"):
+        for name in ("lr", "dp_lr", "mse_floor", "max_clip", "dirichlet_alpha", "round_timeout"):
             if not getattr(self, name) > 0.0:
                 raise ConfigError(_key(name), getattr(self, name), "must be > 0")
         if not (self.update_norm_factor == 0.0 or self.update_norm_factor >= 1.0):

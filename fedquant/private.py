@@ -26,6 +26,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,13 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedquant.accounting import Accountant, MechanismStep, PrivacyLedger, calibrate_noise
+from fedquant.accounting import (
+    Accountant,
+    MechanismStep,
+    PrivacyLedger,
+    calibrate_noise,
+    check_target,
+)
 from fedquant.data import Split
 from fedquant.dpquant import (
     LayerScheduler,
@@ -141,6 +148,19 @@ def planned_mechanisms(
     )
 
 
+def _client_budget(
+    plan: RoundPlan, *, rounds: int, dp: DPSettings, quant: QuantSettings | None
+) -> dict[str, Any]:
+    return {
+        "target_epsilon": dp.target_epsilon,
+        "delta": dp.target_delta,
+        "sample_rate": plan.sample_rate,
+        "steps": plan.steps * rounds,
+        "accountant": dp.accountant,
+        "extra": estimator_queries(plan, rounds=rounds, quant=quant),
+    }
+
+
 @functools.lru_cache(maxsize=64)
 def calibrate_client_noise(
     plan: RoundPlan, *, rounds: int, dp: DPSettings, quant: QuantSettings | None
@@ -151,14 +171,15 @@ def calibrate_client_noise(
     (a Ray worker, the in-process grid) mostly share a plan (equal partition sizes).
     Raises ValueError (from ``calibrate_noise``) when no allowed σ can meet it.
     """
-    return calibrate_noise(
-        target_epsilon=dp.target_epsilon,
-        delta=dp.target_delta,
-        sample_rate=plan.sample_rate,
-        steps=plan.steps * rounds,
-        accountant=dp.accountant,
-        extra=estimator_queries(plan, rounds=rounds, quant=quant),
-    )
+    return calibrate_noise(**_client_budget(plan, rounds=rounds, dp=dp, quant=quant))
+
+
+def check_client_target(
+    plan: RoundPlan, *, rounds: int, dp: DPSettings, quant: QuantSettings | None
+) -> None:
+    """Raise ValueError if no σ lets this plan meet (ε, δ): what
+    :func:`calibrate_client_noise` would raise, at the cost of two ε evaluations."""
+    check_target(**_client_budget(plan, rounds=rounds, dp=dp, quant=quant))
 
 
 def private_engine(rng: torch.Generator) -> PrivacyEngine:
@@ -204,6 +225,17 @@ def _per_example_losses(model: nn.Module, fmt: QuantFormat):
         return loss_fn(model(x), y)
 
     return losses
+
+
+def _backward(loss: torch.Tensor) -> None:
+    """``loss.backward()`` without torch's warning that Opacus' full backward hook on the
+    first layer fires although its input (the images) needs no gradient: per-sample
+    gradients of the weights are all that hook computes. Nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="Full backward hook is firing", category=UserWarning
+        )
+        loss.backward()
 
 
 def train_round(
@@ -298,7 +330,7 @@ def train_round(
             # Mean over the batch, written as sum / n so that an empty Poisson batch gives
             # a zero loss (its step is noise only) instead of a NaN mean.
             loss = loss_fn(trained(images), labels) / max(len(labels), 1)
-            loss.backward()
+            _backward(loss)
             optimizer.step()
             stats.steps += 1
             epoch_steps += 1

@@ -131,8 +131,8 @@ def accountant_table(results: list[dict[str, Any]], epsilons: Sequence[float]) -
 def calibrated_noise(epsilons: Sequence[float]) -> list[str]:
     """σ that RDP and PRV calibrate for the default plan and for 20 local epochs a round.
 
-    The plans of the default run config (10 IID clients of 5,000 examples, batch 64,
-    5 rounds, DPQuant's estimator queries included), computed the way each client does.
+    The plans of the default run config (10 IID clients of 5,000 examples, 5 rounds,
+    DPQuant's estimator queries included), computed the way each client does.
     """
     from clients.client_app import dp_settings, quant_settings
     from fedquant.accounting import Accountant
@@ -229,15 +229,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "python -m sims.bench_private", __doc__, rounds=3, local_steps=10,
         out="outputs/bench-private",
     )
-    parser.add_argument("--epsilons", nargs="+", type=float, default=[8.0, 4.0])
+    parser.add_argument("--epsilons", nargs="*", type=float, default=[8.0, 4.0])
     parser.add_argument("--accountant", choices=ACCOUNTANTS, default="prv",
                         help="accountant of the policy grid (default prv)")
     parser.add_argument("--accountant-epsilons", nargs="+", type=float, default=[2.0, 8.0],
                         help="targets at which RDP and PRV runs are compared")
     parser.add_argument("--noise-epsilons", nargs="+", type=float, default=[1.0, 2.0, 4.0, 8.0],
                         help="targets at which the calibrated noise multipliers are printed")
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.9])
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--ratios", nargs="*", type=float, default=[0.5, 0.9])
+    parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--model", default="cnn")
     parser.add_argument("--format", default="fp4")
     args = parser.parse_args(argv)
@@ -261,8 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             *accountant_table(results, args.accountant_epsilons),
         ]
     report += [
-        "", "Noise multiplier calibrated by each accountant (delta 1e-5, 5 rounds, 5,000 "
-        "examples, batch 64, DPQuant's estimator queries included):",
+        "", "Noise multiplier calibrated by each accountant (the default run config: delta "
+        "1e-5, 5 rounds, 5,000 examples, batch 256, DPQuant's estimator queries included):",
         *calibrated_noise(args.noise_epsilons),
     ]
     report += ["", *dp_sgd_throughput(model_name=args.model, batch_size=args.batch_size, steps=40)]

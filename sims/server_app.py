@@ -22,8 +22,8 @@ from flwr.supercore import log
 from clients.client_app import dp_settings, node_seed, quant_settings
 from fedquant.config import ConfigError, RunConfig
 from fedquant.data import load_mnist, partition_indices
-from fedquant.private import calibrate_client_noise, round_plan
 from fedquant.models import build_model, evaluate
+from fedquant.private import check_client_target, round_plan
 from sims.checkpoint import Checkpoint, check_same_experiment, load_checkpoint, save_checkpoint
 from sims.report import RunReport
 from strategies.quantized import QuantizedStrategy, strategy_from_config
@@ -42,8 +42,9 @@ def main(grid: Grid, context: Context) -> None:
 def validate_privacy_plan(cfg: RunConfig) -> None:
     """Fail before any client starts if some client cannot meet the (ε, δ) target.
 
-    Calibrates every simulated partition's noise multiplier the way its client will
-    (all planned rounds plus DPQuant's estimator queries); an impossible target raises
+    Checks, for every simulated partition size, that some noise multiplier meets the
+    target over all planned rounds plus DPQuant's estimator queries, with the run's
+    accountant (what each client's calibration needs); an impossible target raises
     ConfigError naming target-epsilon.
     """
     if not cfg.dp:
@@ -61,7 +62,7 @@ def validate_privacy_plan(cfg: RunConfig) -> None:
             size, batch_size=cfg.batch_size, epochs=cfg.local_epochs, max_steps=cfg.local_steps
         )
         try:
-            calibrate_client_noise(plan, rounds=cfg.num_server_rounds, dp=dp, quant=quant)
+            check_client_target(plan, rounds=cfg.num_server_rounds, dp=dp, quant=quant)
         except ValueError as err:
             raise ConfigError(
                 "target-epsilon",

@@ -40,7 +40,7 @@ def test_private_dpquant_simulation_with_ray(tmp_path: Path) -> None:
     out = tmp_path / "out"
     _, status = run_simulation(
         [
-            "num-supernodes=6 num-server-rounds=3 bits=4 local-steps=20 target-epsilon=4.0",
+            "num-supernodes=6 num-server-rounds=3 bits=4 local-steps=10 target-epsilon=4.0",
             'dp=true quant-policy="dpquant" quant-train-ratio=0.5',
             f'out-dir="{out}"',
         ],
