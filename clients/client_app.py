@@ -242,11 +242,11 @@ def local_train(msg: Message, context: Context) -> LocalRound:
             quant=quant,
             epochs_before=scheduler.epochs_done if scheduler else 0,
         )
-        budget = {"delta": dp.target_delta, "accountant": dp.accountant}
-        if ledger.epsilon_if(*this_round, **budget) > dp.target_epsilon:
+        delta, accountant = dp.target_delta, dp.accountant
+        if ledger.epsilon_if(*this_round, delta=delta, accountant=accountant) > dp.target_epsilon:
             return LocalRound(
                 cfg, server_round, partition_id, global_state, global_state, {},
-                exhausted_epsilon=ledger.epsilon(**budget),
+                exhausted_epsilon=ledger.epsilon(delta=delta, accountant=accountant),
             )
 
     stats = train_round(
