@@ -31,46 +31,62 @@ from sims.bench import collect, run_sweep, sweep_parser, write_report
 
 POLICIES = ("static", "random", "dpquant")
 ACCOUNTANTS = ("rdp", "prv")
-CELL_KEYS = ("dp", "target-epsilon", "accountant", "quant-policy", "quant-train-ratio", "seed")
+# Where the clients' data comes from: (partitioning, clients); one client holding all
+# 50,000 training examples is central DP-SGD through the same code path.
+SETTINGS = {
+    "iid": ("iid", None),  # None: --clients
+    "dirichlet": ("dirichlet", None),
+    "central": ("iid", 1),
+}
+CELL_KEYS = (
+    "dp", "target-epsilon", "accountant", "quant-policy", "quant-train-ratio", "partitioning",
+    "num-supernodes", "seed",
+)
 
 
 def cells(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The policy grid (``args.accountant``), then the accountant comparison."""
+    """The policy grid (``args.accountant``), the accountant comparison, then the
+    accuracy targets in every data setting (``--targets``)."""
     privacy: list[float | None] = [None, *args.epsilons]
-    rows: list[tuple[float | None, str, str, float]] = []
+    rows: list[tuple[str, float | None, str, str, float]] = []
     for eps in privacy:
-        rows.append((eps, args.accountant, "none", 0.0))
+        rows.append(("iid", eps, args.accountant, "none", 0.0))
         rows += [
-            (eps, args.accountant, policy, ratio)
+            ("iid", eps, args.accountant, policy, ratio)
             for policy, ratio in itertools.product(POLICIES, args.ratios)
         ]
     rows += [
-        (eps, accountant, "dpquant", 0.5)
+        ("iid", eps, accountant, "dpquant", 0.5)
         for eps, accountant in itertools.product(args.accountant_epsilons, ACCOUNTANTS)
     ]
-    out: dict[str, dict[str, Any]] = {}  # by name: the comparison repeats some grid cells
-    for (eps, accountant, policy, ratio), seed in itertools.product(rows, args.seeds):
+    rows += [
+        (setting, eps, args.accountant, "dpquant", 0.5)
+        for setting, eps in itertools.product(args.targets, args.target_epsilons)
+    ]
+    out: dict[str, dict[str, Any]] = {}  # by name: the sections share some cells
+    for (setting, eps, accountant, policy, ratio), seed in itertools.product(rows, args.seeds):
+        partitioning, clients = SETTINGS[setting]
         privacy_name = "nodp" if eps is None else f"eps{eps:g}-{accountant}"
-        name = f"{privacy_name}-{policy}-r{ratio:g}-s{seed}"
-        out[name] = (
-            {
-                "dp": eps is not None,
-                "target-epsilon": eps if eps is not None else 8.0,
-                "accountant": accountant,
-                "dp-noise-seeded": True,
-                "quant-policy": policy,
-                "quant-train-ratio": ratio,
-                "quant-format": args.format,
-                "model": args.model,
-                "seed": seed,
-                "num-server-rounds": args.rounds,
-                "num-supernodes": args.clients,
-                "local-steps": args.local_steps,
-                "batch-size": args.batch_size,
-                "eval-every": args.rounds,
-                "out-dir": str(Path(args.out) / "runs" / name),
-            }
-        )
+        prefix = "" if setting == "iid" else f"{setting}-"
+        name = f"{prefix}{privacy_name}-{policy}-r{ratio:g}-s{seed}"
+        out[name] = {
+            "dp": eps is not None,
+            "target-epsilon": eps if eps is not None else 8.0,
+            "accountant": accountant,
+            "dp-noise-seeded": True,
+            "quant-policy": policy,
+            "quant-train-ratio": ratio,
+            "quant-format": args.format,
+            "model": args.model,
+            "seed": seed,
+            "partitioning": partitioning,
+            "num-server-rounds": args.rounds,
+            "num-supernodes": clients or args.clients,
+            "local-steps": args.local_steps,
+            "batch-size": args.batch_size,
+            "eval-every": args.rounds,
+            "out-dir": str(Path(args.out) / "runs" / name),
+        }
     return list(out.values())
 
 
@@ -82,7 +98,7 @@ def _row_key(r: dict[str, Any]) -> tuple[Any, ...]:
 def table(results: list[dict[str, Any]], *, accountant: str) -> list[str]:
     """The policy grid: rows whose DP runs used ``accountant``."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for r in results:
+    for r in _federated_iid(results):
         if not r["dp"] or r["accountant"] == accountant:
             groups.setdefault(_row_key(r), []).append(r)
     lines = [
@@ -105,6 +121,37 @@ def table(results: list[dict[str, Any]], *, accountant: str) -> list[str]:
     return lines
 
 
+def _federated_iid(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    most = max((r["num-supernodes"] for r in results), default=0)
+    return [r for r in results if r["partitioning"] == "iid" and r["num-supernodes"] == most]
+
+
+def target_table(results: list[dict[str, Any]], epsilons: Sequence[float]) -> list[str]:
+    """Accuracy at each target epsilon in each data setting (DPQuant, ratio 0.5)."""
+    lines = [
+        "| data | clients | target epsilon | accuracy % (mean ± std) | seeds | max epsilon |",
+        "|---|---|---|---|---|---|",
+    ]
+    for eps in epsilons:
+        groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for r in results:
+            if (
+                r["dp"] and r["target-epsilon"] == eps and r["quant-policy"] == "dpquant"
+                and r["quant-train-ratio"] == 0.5
+            ):
+                groups.setdefault((r["partitioning"], r["num-supernodes"]), []).append(r)
+        for (partitioning, clients), rs in sorted(groups.items()):
+            by_seed = {r["seed"]: r for r in rs}  # the accountant comparison repeats seeds
+            accs = [100 * r["final-accuracy"] for r in by_seed.values()]
+            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            data = "central (all 50,000)" if clients == 1 else partitioning
+            lines.append(
+                f"| {data} | {clients} | {eps:g} | {statistics.mean(accs):.2f} ± {std:.2f}"
+                f" | {len(accs)} | {max(r['max-epsilon'] for r in rs):.3f} |"
+            )
+    return lines
+
+
 def accountant_table(results: list[dict[str, Any]], epsilons: Sequence[float]) -> list[str]:
     """Accuracy of RDP- and PRV-calibrated runs at the same targets and seeds."""
     lines = [
@@ -113,7 +160,7 @@ def accountant_table(results: list[dict[str, Any]], epsilons: Sequence[float]) -
     ]
     for eps, accountant in itertools.product(epsilons, ACCOUNTANTS):
         rs = [
-            r for r in results
+            r for r in _federated_iid(results)
             if r["dp"] and r["target-epsilon"] == eps and r["accountant"] == accountant
             and r["quant-policy"] == "dpquant" and r["quant-train-ratio"] == 0.5
         ]
@@ -232,8 +279,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epsilons", nargs="*", type=float, default=[8.0, 4.0])
     parser.add_argument("--accountant", choices=ACCOUNTANTS, default="prv",
                         help="accountant of the policy grid (default prv)")
-    parser.add_argument("--accountant-epsilons", nargs="+", type=float, default=[2.0, 8.0],
+    parser.add_argument("--accountant-epsilons", nargs="*", type=float, default=[2.0, 8.0],
                         help="targets at which RDP and PRV runs are compared")
+    parser.add_argument("--targets", nargs="*", choices=list(SETTINGS), default=[],
+                        help="data settings whose accuracy at --target-epsilons is tabulated "
+                        "(central: one client with all 50,000 examples)")
+    parser.add_argument("--target-epsilons", nargs="+", type=float, default=[2.0, 8.0])
     parser.add_argument("--noise-epsilons", nargs="+", type=float, default=[1.0, 2.0, 4.0, 8.0],
                         help="targets at which the calibrated noise multipliers are printed")
     parser.add_argument("--ratios", nargs="*", type=float, default=[0.5, 0.9])
@@ -260,6 +311,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "", "Accountants at the same seeds (DPQuant, ratio 0.5):",
             *accountant_table(results, args.accountant_epsilons),
         ]
+        if args.targets:
+            report += [
+                "", f"Accuracy by data setting ({args.accountant}, DPQuant ratio 0.5,"
+                " 4-bit uploads):",
+                *target_table(results, args.target_epsilons),
+            ]
     report += [
         "", "Noise multiplier calibrated by each accountant (the default run config: delta "
         "1e-5, 5 rounds, 5,000 examples, batch 256, DPQuant's estimator queries included):",
