@@ -28,7 +28,9 @@ changes of the format would not reach the per-sample gradients).
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,6 +97,8 @@ DEFAULT_ACT_CLIP = 8.0
 
 _INT_LEVELS = {QuantFormat.INT8: 127, QuantFormat.INT4: 7}
 _FP4_MIN_EXP = -6  # smallest nonzero magnitude α · 2^-6
+_SQRT2_CARRY = 0x800000 - 0x3504F4  # float32 bit arithmetic of the FP4 rounding
+_EXPONENT_MASK = 0x7F800000
 
 
 def quantize_values(x: torch.Tensor, *, fmt: QuantFormat, scale: torch.Tensor) -> torch.Tensor:
@@ -106,25 +110,27 @@ def quantize_values(x: torch.Tensor, *, fmt: QuantFormat, scale: torch.Tensor) -
     scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
     positive = scale > 0
     safe_scale = torch.where(positive, scale, torch.ones_like(scale))
+    # In-place after the first op: this runs on the activations of every quantized layer
+    # at every step, where each fresh tensor is a large allocation.
     if fmt in _INT_LEVELS:
         levels = _INT_LEVELS[fmt]
         step = safe_scale / levels
-        codes = torch.clamp(torch.round(x / step), -levels, levels)
-        out = codes * step
+        out = torch.div(x, step).round_().clamp_(-levels, levels).mul_(step)
+        out = out.masked_fill_(positive.logical_not(), 0.0)
     elif fmt is QuantFormat.FP4:
-        ratio = x.abs() / safe_scale
-        # log2 of 0 is -inf; those entries are flushed below anyway.
-        exponent = torch.clamp(
-            torch.round(torch.log2(ratio.clamp_min(torch.finfo(x.dtype).tiny))),
-            _FP4_MIN_EXP,
-            0,
-        )
-        magnitude = safe_scale * torch.exp2(exponent)
-        keep = ratio >= 2.0 ** (_FP4_MIN_EXP - 1)
-        out = torch.where(keep, torch.sign(x) * magnitude, torch.zeros_like(x))
+        # Nearest power of two in log2, on the float32 bits: r = 2^E · 1.m rounds up to
+        # 2^(E+1) iff 1.m >= √2, i.e. iff the 23 mantissa bits are >= 0x3504F4 (the first
+        # float above √2); adding 0x800000 - 0x3504F4 carries exactly then, and the mask
+        # keeps the exponent. Exact where a float log2 may round either way at the
+        # boundary, and ~3x faster than log2/exp2.
+        ratio = torch.div(x, safe_scale).abs_().clamp_max_(1.0).to(torch.float32)
+        keep = (ratio >= 2.0 ** (_FP4_MIN_EXP - 1)).logical_and_(positive)  # else flush to 0
+        ratio.view(torch.int32).add_(_SQRT2_CARRY).bitwise_and_(_EXPONENT_MASK)
+        nearest = ratio.clamp_min_(2.0**_FP4_MIN_EXP).to(x.dtype)
+        out = nearest.mul_(safe_scale).copysign_(x).masked_fill_(keep.logical_not_(), 0.0)
     else:
         raise ValueError(f"`fmt` must be a QuantFormat. Found {fmt!r}.")
-    return torch.where(positive, out, torch.zeros_like(out))
+    return out
 
 
 def fake_quantize(x: torch.Tensor, *, fmt: QuantFormat, scale: torch.Tensor) -> torch.Tensor:
@@ -149,7 +155,9 @@ def _activation_scale(x: torch.Tensor, act_scale: ActScale, act_clip: float) -> 
     if act_scale is ActScale.PER_SAMPLE:
         if x.dim() < 2:
             raise ValueError(f"per-sample scaling needs a batch dimension; got shape {x.shape}")
-        return x.detach().abs().amax(dim=tuple(range(1, x.dim())), keepdim=True)  # (B, 1, ...)
+        # max |x_b| in one pass, without materialising |x|
+        dims = tuple(range(1, x.dim()))
+        return torch.linalg.vector_norm(x.detach(), ord=math.inf, dim=dims, keepdim=True)
     if act_scale is ActScale.FIXED:
         return torch.tensor(act_clip, dtype=x.dtype, device=x.device)
     raise ValueError(f"`act_scale` must be an ActScale. Found {act_scale!r}.")
@@ -166,12 +174,36 @@ def _check_quant_args(
         raise ValueError(f"`act_clip` must be positive. Found {act_clip!r}.")
 
 
+class _StraightThrough(torch.autograd.Function):
+    """q(x) forward, identity gradient to x: ``fake_quantize``'s STE without its two
+    extra passes over the activation (x - x.detach(), then the sum)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x_q.view_as(x_q)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
+def _has_storage(x: torch.Tensor) -> bool:
+    """False for functorch's wrapped tensors (vmap/grad), which have no data pointer."""
+    return not torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
 class _QuantMixin:
     """Shared state of QLinear and QConv2d: three plain attributes, read at every call."""
 
     quant_format: QuantFormat | None
     act_scale: ActScale
     act_clip: float
+    # (key of the input, q(input), the input): see quantized_input.
+    _input_cache: tuple[tuple[object, ...], torch.Tensor, torch.Tensor] | None
 
     def _init_quant(
         self, quant_format: QuantFormat | None, act_scale: ActScale, act_clip: float
@@ -180,24 +212,48 @@ class _QuantMixin:
         self.quant_format = quant_format
         self.act_scale = act_scale
         self.act_clip = act_clip
+        self._input_cache: tuple[tuple[object, ...], torch.Tensor, torch.Tensor] | None = None
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        """q(x) without STE, with the layer's current format and scale (grad samplers)."""
+        """q(x) without STE, with the layer's current format and scale (grad samplers).
+
+        The q(x) of this layer's last training forward pass is reused when ``x`` is that
+        pass's input (same storage, view and version, and the same format and scale
+        settings): the grad sampler then does not quantize the activations a second time.
+        """
         if self.quant_format is None:
             raise RuntimeError("quantized_input needs quant_format to be set")
+        cached, self._input_cache = self._input_cache, None
+        if cached is not None and _has_storage(x) and cached[0] == self._cache_key(x):
+            return cached[1]
         return quantize_values(
             x, fmt=self.quant_format, scale=_activation_scale(x, self.act_scale, self.act_clip)
+        )
+
+    def _cache_key(self, x: torch.Tensor) -> tuple[object, ...]:
+        # The cache holds the input itself, so its storage cannot be freed and reused:
+        # an equal data pointer means the same memory. The version counter (shared by
+        # detached views) catches in-place writes since the forward pass.
+        return (
+            x.data_ptr(), x.shape, x.stride(), x.dtype, x._version,
+            self.quant_format, self.act_scale, self.act_clip,
         )
 
     def _fake_quantize_input_and_weight(
         self, x: torch.Tensor, weight: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.quant_format is not None
-        x_q = fake_quantize(
-            x, fmt=self.quant_format, scale=_activation_scale(x, self.act_scale, self.act_clip)
+        x_q = quantize_values(
+            x.detach(),
+            fmt=self.quant_format,
+            scale=_activation_scale(x, self.act_scale, self.act_clip),
         )
+        if torch.is_grad_enabled() and _has_storage(x):
+            self._input_cache = (self._cache_key(x), x_q, x.detach())
         w_q = fake_quantize(weight, fmt=self.quant_format, scale=_weight_scale(weight))
-        return x_q, w_q
+        if _has_storage(x):
+            return _StraightThrough.apply(x, x_q), w_q
+        return x_q + (x - x.detach()), w_q  # under functorch: as in fake_quantize
 
     def extra_repr(self) -> str:
         fmt = None if self.quant_format is None else self.quant_format.value

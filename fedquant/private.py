@@ -227,7 +227,7 @@ def _per_example_losses(model: nn.Module, fmt: QuantFormat):
     return losses
 
 
-def _backward(loss: torch.Tensor) -> None:
+def backward_quietly(loss: torch.Tensor) -> None:
     """``loss.backward()`` without torch's warning that Opacus' full backward hook on the
     first layer fires although its input (the images) needs no gradient: per-sample
     gradients of the weights are all that hook computes. Nothing a user can act on."""
@@ -330,7 +330,7 @@ def train_round(
             # Mean over the batch, written as sum / n so that an empty Poisson batch gives
             # a zero loss (its step is noise only) instead of a NaN mean.
             loss = loss_fn(trained(images), labels) / max(len(labels), 1)
-            _backward(loss)
+            backward_quietly(loss)
             optimizer.step()
             stats.steps += 1
             epoch_steps += 1

@@ -18,12 +18,17 @@ import itertools
 import json
 import statistics
 import sys
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 AGGREGATORS = ("error-weighted", "fedavg")
+# Each finished cell keeps its run time beside results.json, so that a sweep assembled
+# from reused cells still reports what the whole sweep costs.
+CELL_TIMING = "bench-cell-time.json"
+CELL_SECONDS = "cell-seconds"
 CELL_KEYS = ("partitioning", "bits", "aggregator", "rounding", "seed")
 ROUNDINGS = ("stochastic", "nearest")
 
@@ -73,8 +78,11 @@ def run_cell(overrides: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     cfg = RunConfig.from_flower(overrides, strict=True)
+    start = time.perf_counter()
     summary = run_in_process(cfg).summary()
-    return {**overrides, **summary}
+    timing = {CELL_SECONDS: time.perf_counter() - start}
+    (Path(cfg.out_dir) / CELL_TIMING).write_text(json.dumps(timing))
+    return {**overrides, **summary, **timing}
 
 
 def table(results: list[dict[str, Any]], partitioning: str, bits_list: Sequence[int]) -> list[str]:
@@ -175,7 +183,9 @@ def _finished(cell: dict[str, Any]) -> dict[str, Any] | None:
     same = all(data["config"].get(k) == v for k, v in cell.items() if k != "out-dir")
     if not same or data["summary"]["rounds"] < cell["num-server-rounds"]:
         return None
-    return {**cell, **data["summary"]}
+    timing = Path(cell["out-dir"]) / CELL_TIMING
+    seconds = json.loads(timing.read_text()) if timing.is_file() else {}
+    return {**cell, **data["summary"], **seconds}
 
 
 def run_sweep(todo: list[dict[str, Any]], *, jobs: int, out: str | Path) -> list[dict[str, Any]]:

@@ -1,18 +1,31 @@
-"""Benchmark: DP-SGD x DPQuant policies (paper A), and DP-SGD throughput with fake quantization.
+"""Benchmark: private accuracy against the published DP-SGD results, DPQuant's two
+findings (paper A) centrally and federated, and DP-SGD throughput with fake quantization.
 
-    python -m sims.bench_private              # the full grid (see --help)
+    python -m sims.bench_private              # the default sweep (~90 min on 2 cores)
+    python -m sims.bench_private --quick      # a smoke run of every section (~5 min)
 
-Rows: {no DP, DP at each target epsilon} x {no training quantization, static, random,
-dpquant} at each quantization ratio; final test accuracy as mean ± std over seeds, and
-the theoretical training speedup (paper A's formula from per-layer FLOPs and the layers
-that actually ran quantized, estimator cost included). Every cell runs the real
-ServerApp loop, strategy and ClientApp through ``sims.inprocess.InProcessGrid``, with
-the same clients, rounds and seeds, and with ``dp-noise-seeded = true`` so that a cell
-reruns bit for bit and cells with the same seed share their noise stream (a benchmark,
-not a private deployment). Then the accountants: the noise multiplier RDP and PRV
-calibrate for the same plans and targets, and the accuracy each gives at the same seeds.
-Last, DP-SGD samples per second (Opacus, hooks) with and without fake quantization,
-measured in the same run.
+Sections of the report (``bench.md`` in ``--out``, beside ``dpquant-pareto.png``):
+
+1. Targets: final test accuracy at each ``--target-epsilons`` with the run config's
+   defaults except the run length the benchmark chooses (``--rounds`` x ``--local-steps``):
+   10 IID clients (``--seeds``), Dirichlet(0.5) and the central reference, one client
+   holding all 50,000 examples through the same code path with the same number of
+   examples processed (``--central-steps`` per round) (``--other-seeds``).
+2. Findings at ε = ``--findings-epsilon`` and without DP, ``--findings-seeds``, on each
+   ``--findings-models`` at its ratio (``FINDING_RATIOS``), central and federated: the
+   accuracy each policy loses against unquantized training under DP and under SGD
+   (finding 1), the policies' order under DP (finding 2), the theoretical speedup of
+   each row and the share of ε spent on DPQuant's estimator; the last rounds' gain of
+   the unquantized DP model shows how near its plateau the runs end.
+3. The noise multiplier RDP and PRV calibrate for the same plans, and (with
+   ``--accountant-epsilons``) the accuracy each gives at the same seeds.
+4. DP-SGD samples per second (Opacus hooks) with and without fake quantization, for
+   each model, measured in the same run (interleaved, median of 3).
+
+Every accuracy cell runs the real ServerApp loop, strategy and ClientApp through
+``sims.inprocess.InProcessGrid`` with ``dp-noise-seeded = true``, so a cell reruns bit
+for bit and cells with the same seed share their noise stream (a benchmark, not a
+private deployment). Finished cells under ``--out`` are reused.
 """
 
 from __future__ import annotations
@@ -20,16 +33,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sims.bench import collect, run_sweep, sweep_parser, write_report
+from sims.bench import CELL_SECONDS, collect, run_sweep, sweep_parser, write_report
 
-POLICIES = ("static", "random", "dpquant")
+POLICIES = ("none", "static", "random", "dpquant")
 ACCOUNTANTS = ("rdp", "prv")
 # Where the clients' data comes from: (partitioning, clients); one client holding all
 # 50,000 training examples is central DP-SGD through the same code path.
@@ -38,116 +52,140 @@ SETTINGS = {
     "dirichlet": ("dirichlet", None),
     "central": ("iid", 1),
 }
+# DPQuant ratio per model: the CNN's 4 layers give k = 4 (all) at 0.9, so static and
+# random would coincide; at 0.5 (k = 2) they differ. The ResNet has 10 layers (k = 9).
+FINDING_RATIOS = {"cnn": 0.5, "resnet": 0.9}
+# Without DP, finding 1 needs the unquantized model and one policy at the same ratio.
+NON_PRIVATE_POLICIES = ("none", "random")
 CELL_KEYS = (
     "dp", "target-epsilon", "accountant", "quant-policy", "quant-train-ratio", "partitioning",
-    "num-supernodes", "seed",
+    "num-supernodes", "model", "batch-size", "num-server-rounds", "local-steps", "seed",
 )
 
 
-def cells(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The policy grid (``args.accountant``), the accountant comparison, then the
-    accuracy targets in every data setting (``--targets``)."""
-    privacy: list[float | None] = [None, *args.epsilons]
-    rows: list[tuple[str, float | None, str, str, float]] = []
-    for eps in privacy:
-        rows.append(("iid", eps, args.accountant, "none", 0.0))
-        rows += [
-            ("iid", eps, args.accountant, policy, ratio)
-            for policy, ratio in itertools.product(POLICIES, args.ratios)
-        ]
-    rows += [
-        ("iid", eps, accountant, "dpquant", 0.5)
-        for eps, accountant in itertools.product(args.accountant_epsilons, ACCOUNTANTS)
-    ]
-    rows += [
-        (setting, eps, args.accountant, "dpquant", 0.5)
-        for setting, eps in itertools.product(args.targets, args.target_epsilons)
-    ]
-    out: dict[str, dict[str, Any]] = {}  # by name: the sections share some cells
-    for (setting, eps, accountant, policy, ratio), seed in itertools.product(rows, args.seeds):
-        partitioning, clients = SETTINGS[setting]
-        privacy_name = "nodp" if eps is None else f"eps{eps:g}-{accountant}"
-        prefix = "" if setting == "iid" else f"{setting}-"
-        name = f"{prefix}{privacy_name}-{policy}-r{ratio:g}-s{seed}"
-        out[name] = {
-            "dp": eps is not None,
-            "target-epsilon": eps if eps is not None else 8.0,
-            "accountant": accountant,
-            "dp-noise-seeded": True,
-            "quant-policy": policy,
-            "quant-train-ratio": ratio,
-            "quant-format": args.format,
-            "model": args.model,
-            "seed": seed,
-            "partitioning": partitioning,
-            "num-server-rounds": args.rounds,
-            "num-supernodes": clients or args.clients,
-            "local-steps": args.local_steps,
-            "batch-size": args.batch_size,
-            "eval-every": args.rounds,
-            "out-dir": str(Path(args.out) / "runs" / name),
-        }
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One run of the sweep; ``overrides`` are its run-config keys."""
+
+    section: str
+    overrides: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return Path(self.overrides["out-dir"]).name
+
+
+def _cell(
+    args: argparse.Namespace,
+    *,
+    setting: str,
+    eps: float | None,
+    policy: str,
+    ratio: float,
+    seed: int,
+    model: str,
+    rounds: int,
+    local_steps: int,
+    batch_size: int,
+    accountant: str | None = None,
+    curve: bool = False,
+) -> dict[str, Any]:
+    partitioning, clients = SETTINGS[setting]
+    accountant = accountant or args.accountant
+    privacy = "nodp" if eps is None else f"eps{eps:g}-{accountant}"
+    shown_ratio = "" if policy == "none" else f"-r{ratio:g}"
+    name = (
+        f"{model}-{setting}-{privacy}-{policy}{shown_ratio}-b{batch_size}-{rounds}x{local_steps}"
+        f"-s{seed}"
+    )
+    return {
+        "dp": eps is not None,
+        "target-epsilon": eps if eps is not None else 8.0,
+        "accountant": accountant,
+        "dp-noise-seeded": True,
+        "quant-policy": policy,
+        "quant-train-ratio": ratio,
+        "quant-format": args.format,
+        "model": model,
+        "seed": seed,
+        "partitioning": partitioning,
+        "num-server-rounds": rounds,
+        "num-supernodes": clients or args.clients,
+        "local-steps": local_steps,
+        "batch-size": batch_size,
+        # Findings keep the accuracy curve: it shows how near its plateau a run ends.
+        "eval-every": 1 if curve else rounds,
+        "out-dir": str(Path(args.out) / "runs" / name),
+    }
+
+
+def cells(args: argparse.Namespace) -> list[Cell]:
+    """Targets, findings and the accountant comparison, without duplicates."""
+    out: dict[str, Cell] = {}
+
+    def add(section: str, **kw: Any) -> None:
+        overrides = _cell(args, **kw)
+        out.setdefault(overrides["out-dir"], Cell(section, overrides))
+
+    for setting, eps in itertools.product(args.targets, args.target_epsilons):
+        central = setting == "central"
+        seeds = args.seeds if setting == "iid" else args.other_seeds
+        for seed in seeds:
+            add(
+                "targets", setting=setting, eps=eps, policy="dpquant", ratio=0.5, seed=seed,
+                model="cnn", rounds=args.rounds,
+                local_steps=args.central_steps if central else args.local_steps,
+                batch_size=args.batch_size,
+            )
+    for model, setting in itertools.product(args.findings_models, ("central", "iid")):
+        ratio = FINDING_RATIOS[model]
+        steps = args.findings_central_steps if setting == "central" else args.findings_local_steps
+        rows = [(args.findings_epsilon, p) for p in POLICIES]
+        rows += [(None, p) for p in NON_PRIVATE_POLICIES]
+        for (eps, policy), seed in itertools.product(rows, args.findings_seeds):
+            add(
+                "findings", setting=setting, eps=eps, policy=policy, ratio=ratio, seed=seed,
+                model=model, rounds=args.findings_rounds, local_steps=steps,
+                batch_size=args.findings_batch_size, curve=True,
+            )
+    for eps, accountant, seed in itertools.product(
+        args.accountant_epsilons, ACCOUNTANTS, args.seeds
+    ):
+        add(
+            "accountants", setting="iid", eps=eps, policy="dpquant", ratio=0.5, seed=seed,
+            model="cnn", rounds=args.rounds, local_steps=args.local_steps,
+            batch_size=args.batch_size, accountant=accountant,
+        )
     return list(out.values())
 
 
-def _row_key(r: dict[str, Any]) -> tuple[Any, ...]:
-    privacy = (r["target-epsilon"], r["accountant"]) if r["dp"] else None
-    return (r["dp"], privacy, r["quant-policy"], r["quant-train-ratio"])
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def table(results: list[dict[str, Any]], *, accountant: str) -> list[str]:
-    """The policy grid: rows whose DP runs used ``accountant``."""
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for r in _federated_iid(results):
-        if not r["dp"] or r["accountant"] == accountant:
-            groups.setdefault(_row_key(r), []).append(r)
-    lines = [
-        "| privacy | policy | ratio | accuracy % (mean ± std) | max epsilon | theoretical speedup"
-        " |",
-        "|---|---|---|---|---|---|",
-    ]
-    for (dp, privacy, policy, ratio), rs in groups.items():
-        eps = privacy[0] if privacy else None
-        accs = [100 * r["final-accuracy"] for r in rs]
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        speed = statistics.mean(r["mean-speedup"] or 1.0 for r in rs)
-        max_eps = max(r["max-epsilon"] for r in rs)
-        shown = f"DP, epsilon {eps:g} ({accountant})" if dp else "no DP"
-        shown_ratio = "-" if policy == "none" else f"{ratio:g}"
-        lines.append(
-            f"| {shown} | {policy} | {shown_ratio} | {statistics.mean(accs):.2f} ± {std:.2f}"
-            f" | {max_eps:.3f} | {speed:.2f} |"
-        )
-    return lines
-
-
-def _federated_iid(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    most = max((r["num-supernodes"] for r in results), default=0)
-    return [r for r in results if r["partitioning"] == "iid" and r["num-supernodes"] == most]
+def _accuracy(rs: Iterable[dict[str, Any]]) -> list[float]:
+    return [100 * r["final-accuracy"] for r in rs]
 
 
 def target_table(results: list[dict[str, Any]], epsilons: Sequence[float]) -> list[str]:
     """Accuracy at each target epsilon in each data setting (DPQuant, ratio 0.5)."""
     lines = [
-        "| data | clients | target epsilon | accuracy % (mean ± std) | seeds | max epsilon |",
-        "|---|---|---|---|---|---|",
+        "| data | clients | DP-SGD steps per client | target epsilon | accuracy % (mean ± std)"
+        " | seeds | max epsilon |",
+        "|---|---|---|---|---|---|---|",
     ]
     for eps in epsilons:
         groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for r in results:
-            if (
-                r["dp"] and r["target-epsilon"] == eps and r["quant-policy"] == "dpquant"
-                and r["quant-train-ratio"] == 0.5
-            ):
+            if r["dp"] and r["target-epsilon"] == eps:
                 groups.setdefault((r["partitioning"], r["num-supernodes"]), []).append(r)
-        for (partitioning, clients), rs in sorted(groups.items()):
-            by_seed = {r["seed"]: r for r in rs}  # the accountant comparison repeats seeds
-            accs = [100 * r["final-accuracy"] for r in by_seed.values()]
-            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        for (partitioning, clients), rs in sorted(groups.items(), key=lambda kv: -kv[0][1]):
+            mean, std = _mean_std(_accuracy(rs))
             data = "central (all 50,000)" if clients == 1 else partitioning
+            steps = rs[0]["num-server-rounds"] * rs[0]["local-steps"]
             lines.append(
-                f"| {data} | {clients} | {eps:g} | {statistics.mean(accs):.2f} ± {std:.2f}"
-                f" | {len(accs)} | {max(r['max-epsilon'] for r in rs):.3f} |"
+                f"| {data} | {clients} | {steps} | {eps:g} | {mean:.2f} ± {std:.2f}"
+                f" | {len(rs)} | {max(r['max-epsilon'] for r in rs):.3f} |"
             )
     return lines
 
@@ -159,20 +197,287 @@ def accountant_table(results: list[dict[str, Any]], epsilons: Sequence[float]) -
         "|---|---|---|---|",
     ]
     for eps, accountant in itertools.product(epsilons, ACCOUNTANTS):
-        rs = [
-            r for r in _federated_iid(results)
-            if r["dp"] and r["target-epsilon"] == eps and r["accountant"] == accountant
-            and r["quant-policy"] == "dpquant" and r["quant-train-ratio"] == 0.5
-        ]
-        if not rs:
-            continue
-        accs = [100 * r["final-accuracy"] for r in rs]
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        lines.append(
-            f"| {eps:g} | {accountant} | {statistics.mean(accs):.2f} ± {std:.2f}"
-            f" | {max(r['max-epsilon'] for r in rs):.3f} |"
-        )
+        rs = [r for r in results if r["target-epsilon"] == eps and r["accountant"] == accountant]
+        if rs:
+            mean, std = _mean_std(_accuracy(rs))
+            lines.append(
+                f"| {eps:g} | {accountant} | {mean:.2f} ± {std:.2f}"
+                f" | {max(r['max-epsilon'] for r in rs):.3f} |"
+            )
     return lines
+
+
+def estimator_share(overrides: dict[str, Any]) -> float:
+    """Share of the run's ε spent on DPQuant's estimator: 1 - ε(training alone)/ε(all),
+    both at the σ the client calibrates for the whole plan (what each client does)."""
+    from clients.client_app import dp_settings, quant_settings
+    from fedquant.accounting import MechanismStep, PrivacyLedger
+    from fedquant.config import RunConfig
+    from fedquant.data import SPLIT_SIZES
+    from fedquant.private import calibrate_client_noise, planned_mechanisms, round_plan
+
+    cfg = RunConfig.from_flower(overrides)
+    dp, quant = dp_settings(cfg), quant_settings(cfg)
+    if dp is None:
+        return 0.0
+    plan = round_plan(
+        dict(SPLIT_SIZES)["train"] // cfg.num_supernodes, batch_size=cfg.batch_size,
+        epochs=cfg.local_epochs, max_steps=cfg.local_steps,
+    )
+    rounds = cfg.num_server_rounds
+    sigma = calibrate_client_noise(plan, rounds=rounds, dp=dp, quant=quant)
+    everything = planned_mechanisms(plan, rounds=rounds, noise=sigma, quant=quant)
+    training = [MechanismStep(sigma, plan.sample_rate, plan.steps * rounds)]
+
+    def eps(history: list[MechanismStep]) -> float:
+        return PrivacyLedger(history).epsilon(delta=dp.target_delta, accountant=dp.accountant)
+
+    return 1.0 - eps(training) / eps(everything)
+
+
+def _curve(run: dict[str, Any]) -> list[float]:
+    """Test accuracy after each round (results.json of the run)."""
+    data = json.loads((Path(run["out-dir"]) / "results.json").read_text())
+    return [100 * row["accuracy"] for row in data["rounds"] if row.get("accuracy") is not None]
+
+
+def _late_gain(rs: Sequence[dict[str, Any]]) -> float:
+    """Mean accuracy gained over the second half of the rounds: ~0 near a plateau."""
+    gains = []
+    for r in rs:
+        curve = _curve(r)
+        if len(curve) >= 2:
+            gains.append(curve[-1] - curve[(len(curve) - 1) // 2])
+    return statistics.mean(gains) if gains else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyRow:
+    """One (privacy, policy) row of a findings table: statistics over seeds."""
+
+    dp: bool
+    policy: str
+    accuracy: tuple[float, ...]
+    speedup: float
+    estimator_share: float
+
+
+def finding_rows(rs: Sequence[dict[str, Any]]) -> list[PolicyRow]:
+    """The findings cells of one (model, setting), grouped by (dp, policy)."""
+    groups: dict[tuple[bool, str], list[dict[str, Any]]] = {}
+    for r in rs:
+        groups.setdefault((r["dp"], r["quant-policy"]), []).append(r)
+    rows = []
+    for (dp, policy), group in sorted(
+        groups.items(), key=lambda kv: (not kv[0][0], POLICIES.index(kv[0][1]))
+    ):
+        cell = {k: v for k, v in group[0].items() if k in _OVERRIDE_KEYS}
+        share = estimator_share(cell) if dp and policy == "dpquant" else 0.0
+        rows.append(
+            PolicyRow(
+                dp, policy, tuple(_accuracy(group)),
+                statistics.mean(r["mean-speedup"] or 1.0 for r in group), share,
+            )
+        )
+    return rows
+
+
+_OVERRIDE_KEYS = (*CELL_KEYS, "quant-format", "dp-noise-seeded", "eval-every", "out-dir")
+
+
+def findings_table(rows: Sequence[PolicyRow], late_gain: float) -> list[str]:
+    """Accuracy, loss against unquantized training of the same privacy, speedup, and
+    the estimator's share of ε, per (privacy, policy)."""
+    base = {row.dp: statistics.mean(row.accuracy) for row in rows if row.policy == "none"}
+    lines = [
+        "| privacy | policy | accuracy % (mean ± std) | vs unquantized (points) | seeds"
+        " | theoretical speedup | estimator share of epsilon |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        mean, std = _mean_std(row.accuracy)
+        loss = f"{mean - base[row.dp]:+.2f}" if row.policy != "none" and row.dp in base else "-"
+        share = f"{100 * row.estimator_share:.2f}%" if row.estimator_share else "-"
+        lines.append(
+            f"| {'DP' if row.dp else 'no DP'} | {row.policy} | {mean:.2f} ± {std:.2f} | {loss}"
+            f" | {len(row.accuracy)} | {row.speedup:.2f} | {share} |"
+        )
+    lines.append(
+        f"\nUnquantized DP model: {late_gain:+.2f} points gained over the second half of"
+        " the rounds (mean over seeds; near 0 at a plateau)."
+    )
+    return lines
+
+
+def _standard_error(a: Sequence[float], b: Sequence[float]) -> float:
+    """Standard error of mean(a) - mean(b) for independent samples."""
+    var = sum(statistics.variance(x) / len(x) for x in (a, b) if len(x) > 1)
+    return var**0.5
+
+
+def verdicts(rows: Sequence[PolicyRow]) -> list[str]:
+    """Paper A's findings, each with the measured difference and its standard error.
+
+    Finding 1: quantized training costs more accuracy under DP-SGD than under SGD
+    (policy ``random``, the one both privacy settings ran). Finding 2: under DP,
+    dpquant >= random >= static. "holds" when the difference has the claimed sign,
+    "significant" when it also exceeds two standard errors.
+    """
+    by = {(row.dp, row.policy): row.accuracy for row in rows}
+    out = []
+
+    def verdict(diff: float, se: float) -> str:
+        if diff < 0:
+            return "does not hold"
+        return "holds, significant (> 2 SE)" if diff > 2 * se else "holds, within 2 SE"
+
+    if all(k in by for k in [(True, "none"), (True, "random"), (False, "none"), (False, "random")]):
+        dp_cost = statistics.mean(by[True, "none"]) - statistics.mean(by[True, "random"])
+        sgd_cost = statistics.mean(by[False, "none"]) - statistics.mean(by[False, "random"])
+        diff = dp_cost - sgd_cost
+        se = (
+            _standard_error(by[True, "none"], by[True, "random"]) ** 2
+            + _standard_error(by[False, "none"], by[False, "random"]) ** 2
+        ) ** 0.5
+        out.append(
+            f"- finding 1 (quantization costs more under DP): random costs {dp_cost:.2f} points"
+            f" under DP-SGD, {sgd_cost:.2f} under SGD: difference {diff:+.2f} ± {se:.2f} (SE):"
+            f" {verdict(diff, se)}"
+        )
+    for better, worse in (("dpquant", "random"), ("random", "static")):
+        if (True, better) in by and (True, worse) in by:
+            a, b = by[True, better], by[True, worse]
+            diff = statistics.mean(a) - statistics.mean(b)
+            se = _standard_error(a, b)
+            out.append(
+                f"- finding 2 under DP, {better} >= {worse}: {diff:+.2f} ± {se:.2f} points (SE):"
+                f" {verdict(diff, se)}"
+            )
+    return out
+
+
+def estimator_diagnostic(
+    run: dict[str, Any], *, examples: int = 2000, draws: int = 4000
+) -> list[str]:
+    """Signal against noise of DPQuant's estimator, on the final model of a findings run.
+
+    On ``examples`` training examples (no privacy: this is the benchmark looking), the
+    per-layer loss increase r_i(x) = loss_i(x) - loss_fp(x), clipped to C_a as the
+    estimator does, gives the exact sensitivity R_i = mean r_i(x). One estimate R̂ (a
+    Poisson subsample at q_a of the client's |D| examples, plus N(0, σ_a² C_a²)) has
+    sampling std sd(r_i) / sqrt(q_a |D|) and DP noise std σ_a C_a / (q_a |D|); the EMA
+    (weight α) keeps α / (2 - α) of that variance at stationarity. Then the expected
+    loss increase Σ_{i∈S} R_i of the k quantized layers S: for π = softmax(-β R)
+    (exact), for π from a noisy EMA (Monte Carlo, ``draws``), uniform (random and, in
+    expectation over seeds, static) and the k least sensitive layers (the best subset).
+    """
+    import numpy as np
+    import torch
+
+    from clients.client_app import quant_settings
+    from fedquant.config import RunConfig
+    from fedquant.data import SPLIT_SIZES, load_mnist
+    from fedquant.dpquant import num_quantized, sample_layers, selection_probabilities
+    from fedquant.fakequant import quantizable_layers, set_quantized
+    from fedquant.models import ModelName, build_model
+    from sims.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(run["out-dir"])
+    if checkpoint is None:
+        return [f"(no checkpoint in {run['out-dir']})"]
+    # DPQuant's settings at this run's ratio, whatever policy the run itself used.
+    overrides = {k: run[k] for k in _OVERRIDE_KEYS if k in run}
+    cfg = RunConfig.from_flower({**overrides, "quant-policy": "dpquant"})
+    quant = quant_settings(cfg)
+    assert quant is not None
+    model = build_model(ModelName(cfg.model.value), seed=0)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in checkpoint.arrays.items()})
+    model.eval()
+    train = load_mnist().train
+    x, y = train.images[:examples], train.labels[:examples]
+    n = len(quantizable_layers(model))
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
+    with torch.no_grad():
+        set_quantized(model, [], None)
+        base = loss_fn(model(x), y).double()
+        r = []
+        for i in range(n):
+            set_quantized(model, [i], quant.fmt)
+            r.append(loss_fn(model(x), y).double() - base)
+        set_quantized(model, [], None)
+    per_example = torch.stack(r, dim=1)  # (examples, n)
+    norm = torch.linalg.vector_norm(per_example, dim=1, keepdim=True)
+    per_example = per_example * torch.clamp(quant.estimator_clip / norm.clamp_min(1e-300), max=1.0)
+    exact = per_example.mean(dim=0).numpy()
+    local = dict(SPLIT_SIZES)["train"] // cfg.num_supernodes
+    subsample = quant.estimator_rate * local
+    sampling_sd = per_example.std(dim=0).numpy() / np.sqrt(subsample)
+    noise_sd = quant.estimator_noise * quant.estimator_clip / subsample
+    ema = quant.alpha / (2 - quant.alpha)
+    total_sd = np.sqrt((sampling_sd**2 + noise_sd**2) * ema)
+    k = num_quantized(n, quant.ratio)
+    rng = np.random.default_rng(0)
+
+    def cost(pi: np.ndarray) -> float:
+        return float(np.mean([exact[sample_layers(pi, k, rng)].sum() for _ in range(200)]))
+
+    noisy = float(np.mean([
+        exact[sample_layers(selection_probabilities(
+            exact + rng.normal(0.0, total_sd), beta=quant.beta), k, rng)].sum()
+        for _ in range(draws // 10)
+    ]))
+    lines = [
+        f"Estimator signal vs noise: {run['model']}, {cfg.num_supernodes} client(s) of"
+        f" {local:,} examples, final unquantized DP model of seed {run['seed']}; q_a"
+        f" {quant.estimator_rate:g} ({subsample:.0f} examples), σ_a {quant.estimator_noise:g},"
+        f" C_a {quant.estimator_clip:g}, EMA α {quant.alpha:g}, β {quant.beta:g}, k = {k} of {n}:",
+        "| layer | R_i (exact, nats) | sampling sd | DP noise sd | sd after EMA |",
+        "|---|---|---|---|---|",
+    ]
+    names = [name for name, _ in quantizable_layers(model)]
+    for i in range(n):
+        lines.append(
+            f"| {names[i]} | {exact[i]:.4f} | {sampling_sd[i]:.4f} | {noise_sd:.4f}"
+            f" | {total_sd[i]:.4f} |"
+        )
+    best = float(np.sort(exact)[:k].sum())
+    lines.append(
+        f"\nExpected loss increase of the k layers quantized together (sum of R_i over"
+        f" the subset): best subset {best:.4f}, DPQuant with exact R {cost(selection_probabilities(exact, beta=quant.beta)):.4f},"
+        f" DPQuant with the noisy EMA {noisy:.4f}, uniform (random; static in expectation)"
+        f" {cost(np.full(n, 1.0 / n)):.4f}."
+    )
+    return lines
+
+
+def pareto_plot(panels: dict[str, Sequence[PolicyRow]], path: Path) -> Path:
+    """Accuracy against theoretical speedup per policy (paper A's Pareto view), one
+    panel per (model, setting); error bars are one standard deviation over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    markers = {"none": "o", "static": "s", "random": "^", "dpquant": "*"}
+    for ax, (title, rows) in zip(axes[0], panels.items(), strict=True):
+        for row in rows:
+            mean, std = _mean_std(row.accuracy)
+            ax.errorbar(
+                row.speedup, mean, yerr=std, marker=markers[row.policy], markersize=9,
+                color="tab:red" if row.dp else "tab:blue", capsize=3, linestyle="none",
+                label=f"{'DP' if row.dp else 'no DP'} {row.policy}",
+            )
+        ax.set_title(title)
+        ax.set_xlabel("theoretical training speedup")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("final test accuracy (%)")
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def calibrated_noise(epsilons: Sequence[float]) -> list[str]:
@@ -223,7 +528,7 @@ def dp_sgd_throughput(*, model_name: str, batch_size: int, steps: int, seed: int
     from fedquant.data import load_mnist
     from fedquant.fakequant import QuantFormat, quantizable_layers, set_quantized
     from fedquant.models import ModelName, build_model
-    from fedquant.private import private_engine
+    from fedquant.private import backward_quietly, private_engine
 
     torch.set_num_threads(1)
     train = load_mnist().train
@@ -246,7 +551,7 @@ def dp_sgd_throughput(*, model_name: str, batch_size: int, steps: int, seed: int
         seen, start = 0, time.perf_counter()
         for images, labels in loader:
             optimizer.zero_grad(set_to_none=True)
-            (loss_fn(module(images), labels) / max(len(labels), 1)).backward()
+            backward_quietly(loss_fn(module(images), labels) / max(len(labels), 1))
             optimizer.step()
             seen += len(labels)
         return seen / (time.perf_counter() - start)
@@ -271,58 +576,134 @@ def dp_sgd_throughput(*, model_name: str, batch_size: int, steps: int, seed: int
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+QUICK = {
+    "seeds": [0], "other_seeds": [0], "rounds": 2, "local_steps": 2, "central_steps": 4,
+    "target_epsilons": [8.0], "targets": ["iid", "central"], "findings_seeds": [0],
+    "findings_rounds": 2, "findings_local_steps": 1, "findings_central_steps": 2,
+    "findings_batch_size": 64, "accountant_epsilons": [], "noise_epsilons": [8.0],
+    "throughput_steps": 2, "out": "outputs/bench-private-quick",
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = sweep_parser(
-        "python -m sims.bench_private", __doc__, rounds=3, local_steps=10,
+        "python -m sims.bench_private", __doc__, rounds=10, local_steps=20,
         out="outputs/bench-private",
     )
-    parser.add_argument("--epsilons", nargs="*", type=float, default=[8.0, 4.0])
-    parser.add_argument("--accountant", choices=ACCOUNTANTS, default="prv",
-                        help="accountant of the policy grid (default prv)")
-    parser.add_argument("--accountant-epsilons", nargs="*", type=float, default=[2.0, 8.0],
-                        help="targets at which RDP and PRV runs are compared")
-    parser.add_argument("--targets", nargs="*", choices=list(SETTINGS), default=[],
-                        help="data settings whose accuracy at --target-epsilons is tabulated "
-                        "(central: one client with all 50,000 examples)")
-    parser.add_argument("--target-epsilons", nargs="+", type=float, default=[2.0, 8.0])
-    parser.add_argument("--noise-epsilons", nargs="+", type=float, default=[1.0, 2.0, 4.0, 8.0],
-                        help="targets at which the calibrated noise multipliers are printed")
-    parser.add_argument("--ratios", nargs="*", type=float, default=[0.5, 0.9])
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run of every section: tiny runs, 1-2 seeds (~5 min)")
+    parser.add_argument("--targets", nargs="*", choices=list(SETTINGS),
+                        default=["iid", "dirichlet", "central"],
+                        help="data settings of the accuracy targets (central: one client"
+                        " with all 50,000 examples)")
+    parser.add_argument("--target-epsilons", nargs="*", type=float, default=[2.0, 8.0])
+    parser.add_argument("--other-seeds", nargs="*", type=int, default=[0],
+                        help="seeds of the dirichlet and central targets (iid: --seeds)")
+    parser.add_argument("--central-steps", type=int, default=200,
+                        help="local steps per round of the central target: 200 x 1 client"
+                        " processes as many examples as 20 x 10 clients")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--model", default="cnn")
+    parser.add_argument("--findings-models", nargs="*", choices=list(FINDING_RATIOS),
+                        default=list(FINDING_RATIOS))
+    parser.add_argument("--findings-epsilon", type=float, default=8.0)
+    parser.add_argument("--findings-seeds", nargs="*", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--findings-rounds", type=int, default=4)
+    parser.add_argument("--findings-local-steps", type=int, default=4,
+                        help="local steps per round of the 10 federated clients")
+    parser.add_argument("--findings-central-steps", type=int, default=40,
+                        help="local steps per round of the central client (default: as"
+                        " many examples as the federation)")
+    parser.add_argument("--findings-batch-size", type=int, default=128)
+    parser.add_argument("--accountant", choices=ACCOUNTANTS, default="prv",
+                        help="accountant of the targets and findings (default prv)")
+    parser.add_argument("--accountant-epsilons", nargs="*", type=float, default=[],
+                        help="targets at which RDP and PRV runs are compared at --seeds")
+    parser.add_argument("--noise-epsilons", nargs="*", type=float,
+                        default=[1.0, 2.0, 4.0, 8.0],
+                        help="targets at which the calibrated noise multipliers are printed")
+    parser.add_argument("--throughput-steps", type=int, default=8)
     parser.add_argument("--format", default="fp4")
     args = parser.parse_args(argv)
+    if args.quick:
+        defaults = parse_args([])
+        for key, value in QUICK.items():
+            if getattr(args, key) == getattr(defaults, key):  # explicit flags win
+                setattr(args, key, value)
+    return args
 
-    report: list[str] = []
-    results: list[dict[str, Any]] = []
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    todo = cells(args)
+    started = time.perf_counter()
     if args.collect:
         results = collect(args.out, CELL_KEYS)
-        report += [f"{len(results)} finished runs collected from {args.out}:"]
-    elif not args.skip_accuracy:
-        results = run_sweep(cells(args), jobs=args.jobs, out=args.out)
-        report.append(
-            f"Final test accuracy after {args.rounds} rounds, {args.clients} clients,"
-            f" {args.local_steps} local steps of batch {args.batch_size}, model {args.model},"
-            f" training format {args.format}, seeds {args.seeds}:"
-        )
-    if results:
-        report += ["", *table(results, accountant=args.accountant)]
-        report += [
-            "", "Accountants at the same seeds (DPQuant, ratio 0.5):",
-            *accountant_table(results, args.accountant_epsilons),
-        ]
-        if args.targets:
-            report += [
-                "", f"Accuracy by data setting ({args.accountant}, DPQuant ratio 0.5,"
-                " 4-bit uploads):",
-                *target_table(results, args.target_epsilons),
-            ]
-    report += [
-        "", "Noise multiplier calibrated by each accountant (the default run config: delta "
-        "1e-5, 5 rounds, 5,000 examples, batch 256, DPQuant's estimator queries included):",
-        *calibrated_noise(args.noise_epsilons),
+    elif args.skip_accuracy:
+        results = []
+    else:
+        results = run_sweep([c.overrides for c in todo], jobs=args.jobs, out=args.out)
+    by_dir = {Path(r["out-dir"]).name: r for r in results}
+    section = {
+        name: [by_dir[c.name] for c in todo if c.section == name and c.name in by_dir]
+        for name in ("targets", "findings", "accountants")
+    }
+    report = [
+        f"# Private training benchmark ({len(results)} runs, {args.accountant.upper()}"
+        f" accountant, training format {args.format}, 4-bit uploads)",
     ]
-    report += ["", *dp_sgd_throughput(model_name=args.model, batch_size=args.batch_size, steps=40)]
+    if section["targets"]:
+        report += [
+            "", f"## Accuracy targets: {args.rounds} rounds x {args.local_steps} local steps"
+            f" of expected batch {args.batch_size} ({args.clients} clients; central:"
+            f" {args.central_steps} steps per round), CNN, DPQuant ratio 0.5",
+            "", *target_table(section["targets"], args.target_epsilons),
+        ]
+    panels: dict[str, list[PolicyRow]] = {}
+    for model, setting in itertools.product(args.findings_models, ("central", "iid")):
+        clients = 1 if setting == "central" else args.clients
+        rs = [
+            r for r in section["findings"]
+            if r["model"] == model and r["num-supernodes"] == clients
+        ]
+        if not rs:
+            continue
+        rows = finding_rows(rs)
+        unquantized_dp = [r for r in rs if r["dp"] and r["quant-policy"] == "none"]
+        where = "central (1 client, 50,000 examples)" if clients == 1 else f"{clients} IID clients"
+        steps = rs[0]["local-steps"]
+        report += [
+            "", f"## DPQuant's findings: {model}, {where}, ratio {FINDING_RATIOS[model]},"
+            f" epsilon {args.findings_epsilon:g} and no DP; {args.findings_rounds} rounds x"
+            f" {steps} local steps of expected batch {args.findings_batch_size}",
+            "", *findings_table(rows, _late_gain(unquantized_dp)), "", *verdicts(rows),
+        ]
+        panels[f"{model}, {'central' if clients == 1 else 'federated'}"] = rows
+        first = min(unquantized_dp, key=lambda r: r["seed"], default=None)
+        if first is not None:
+            report += ["", *estimator_diagnostic(first)]
+    if panels:
+        plot = pareto_plot(panels, Path(args.out) / "dpquant-pareto.png")
+        report += ["", f"Accuracy vs theoretical speedup per policy: {plot}"]
+    if section["accountants"]:
+        report += [
+            "", "## Accountants at the same seeds (DPQuant, ratio 0.5)",
+            "", *accountant_table(section["accountants"], args.accountant_epsilons),
+        ]
+    report += [
+        "", "## Noise multiplier calibrated by each accountant (the default run config: delta"
+        " 1e-5, 5 rounds, 5,000 examples, batch 256, DPQuant's estimator queries included)",
+        "", *calibrated_noise(args.noise_epsilons),
+    ]
+    for model in dict.fromkeys(["cnn", *args.findings_models]):
+        report += ["", *dp_sgd_throughput(
+            model_name=model, batch_size=args.batch_size, steps=args.throughput_steps,
+        )]
+    timed = [r[CELL_SECONDS] for r in results if CELL_SECONDS in r]
+    report += [
+        "", f"Wall time of this invocation: {(time.perf_counter() - started) / 60:.1f} min."
+        f" The {len(timed)} timed runs took {sum(timed) / 60:.1f} process-minutes in all:"
+        f" {sum(timed) / 60 / args.jobs:.1f} min on {args.jobs} processes, plus the tables.",
+    ]
     write_report(report, args.out)
     return 0
 

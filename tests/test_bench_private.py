@@ -1,0 +1,156 @@
+"""The private-training benchmark: its grid, its statistics and its verdicts.
+
+The sweep itself runs for ~90 minutes (``python -m sims.bench_private``); here its
+pieces are checked on small inputs, and the estimator's share of ε against the
+accountant directly.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+
+import pytest
+
+from fedquant.accounting import Accountant, MechanismStep, PrivacyLedger
+from sims.bench_private import (
+    FINDING_RATIOS,
+    POLICIES,
+    PolicyRow,
+    cells,
+    estimator_share,
+    findings_table,
+    parse_args,
+    pareto_plot,
+    target_table,
+    verdicts,
+)
+
+
+def test_default_grid_has_every_cell_the_issue_asks_for() -> None:
+    args = parse_args([])
+    grid = cells(args)
+    names = [c.name for c in grid]
+    assert len(names) == len(set(names))  # no cell runs twice
+    findings = Counter(
+        (c.overrides["model"], c.overrides["num-supernodes"], c.overrides["dp"],
+         c.overrides["quant-policy"])
+        for c in grid if c.section == "findings"
+    )
+    for model in FINDING_RATIOS:
+        for clients in (1, 10):  # central and federated
+            for policy in POLICIES:
+                assert findings[model, clients, True, policy] >= 5  # >= 5 seeds under DP
+            for policy in ("none", "random"):
+                assert findings[model, clients, False, policy] >= 5
+    targets = [c.overrides for c in grid if c.section == "targets"]
+    iid = [o for o in targets if o["partitioning"] == "iid" and o["num-supernodes"] == 10]
+    assert Counter(o["target-epsilon"] for o in iid) == {2.0: 3, 8.0: 3}  # 3 seeds each
+    central = [o for o in targets if o["num-supernodes"] == 1]
+    # The central reference processes as many examples as the federation.
+    assert {o["local-steps"] for o in central} == {10 * o["local-steps"] for o in iid}
+    assert all(o["dp-noise-seeded"] for o in (c.overrides for c in grid))
+
+
+def test_quick_mode_keeps_explicit_flags() -> None:
+    quick = parse_args(["--quick"])
+    assert quick.rounds == 2 and quick.findings_seeds == [0]
+    assert parse_args(["--quick", "--rounds", "3"]).rounds == 3
+
+
+def _row(dp: bool, policy: str, acc: list[float], speedup: float = 1.0) -> PolicyRow:
+    return PolicyRow(dp, policy, tuple(acc), speedup, 0.0)
+
+
+def test_verdicts_follow_the_sign_and_the_standard_error() -> None:
+    rows = [
+        _row(True, "none", [90, 91, 92]),
+        _row(True, "static", [80, 81, 82]),
+        _row(True, "random", [84, 85, 86]),
+        _row(True, "dpquant", [84.5, 85.5, 86.5]),
+        _row(False, "none", [97, 97.5, 98]),
+        _row(False, "random", [96, 96.5, 97]),
+    ]
+    lines = verdicts(rows)
+    # finding 1: random costs 6 points under DP, 1 under SGD;
+    # SE = sqrt(1/3 + 1/3 + 0.25/3 + 0.25/3) = sqrt(5/6) = 0.91
+    assert "difference +5.00 ± 0.91" in lines[0]
+    assert "significant" in lines[0]
+    # dpquant is 0.5 above random, SE sqrt(2/3) = 0.82: holds within 2 SE
+    assert "+0.50" in lines[1] and "within 2 SE" in lines[1]
+    assert "+4.00" in lines[2] and "significant" in lines[2]
+    flipped = verdicts([_row(True, "random", [80, 81]), _row(True, "static", [85, 86])])
+    assert "does not hold" in flipped[0]
+
+
+def test_findings_table_reports_loss_against_unquantized_of_the_same_privacy() -> None:
+    rows = [_row(True, "none", [90, 92]), _row(True, "random", [85, 87], 2.0),
+            _row(False, "none", [98, 98]), _row(False, "random", [97, 97], 2.0)]
+    text = "\n".join(findings_table(rows, late_gain=0.3))
+    assert "| DP | random | 86.00 ± 1.41 | -5.00 | 2 | 2.00 |" in text
+    assert "| no DP | random | 97.00 ± 0.00 | -1.00 |" in text
+    assert "+0.30 points" in text
+
+
+def test_target_table_groups_by_data_setting() -> None:
+    def run(part: str, clients: int, acc: float, seed: int) -> dict:
+        return {"dp": True, "target-epsilon": 8.0, "partitioning": part, "num-supernodes": clients,
+                "final-accuracy": acc, "max-epsilon": 7.99, "num-server-rounds": 10,
+                "local-steps": 200 if clients == 1 else 20, "seed": seed}
+    results = [run("iid", 10, a, s) for s, a in enumerate([0.95, 0.96, 0.97])]
+    results.append(run("iid", 1, 0.97, 0))
+    lines = target_table(results, [8.0])
+    iid = next(line for line in lines if line.startswith("| iid"))
+    assert f"{statistics.mean([95, 96, 97]):.2f} ± 1.00 | 3 |" in iid
+    assert any(line.startswith("| central (all 50,000) | 1 | 2000 |") for line in lines)
+
+
+def test_estimator_share_matches_the_ledger() -> None:
+    """The share is 1 - ε(training)/ε(all) at the calibrated σ: recomputed here from
+    the accountant with the same plan (10 clients of 5,000, batch 128, 4 x 5 steps)."""
+    from clients.client_app import dp_settings, quant_settings
+    from fedquant.config import RunConfig
+    from fedquant.private import calibrate_client_noise, round_plan
+
+    overrides = {"dp": True, "target-epsilon": 8.0, "quant-policy": "dpquant",
+                 "num-server-rounds": 4, "local-steps": 5, "batch-size": 128}
+    share = estimator_share(overrides)
+    cfg = RunConfig.from_flower(overrides)
+    plan = round_plan(5000, batch_size=128, epochs=1, max_steps=5)
+    dp, quant = dp_settings(cfg), quant_settings(cfg)
+    assert dp is not None and quant is not None
+    sigma = calibrate_client_noise(plan, rounds=4, dp=dp, quant=quant)
+    train = PrivacyLedger([MechanismStep(sigma, plan.sample_rate, 20)])
+    eps_train = train.epsilon(delta=1e-5, accountant=Accountant.PRV)
+    assert share == pytest.approx(1 - eps_train / 8.0, abs=0.01)
+    assert 0 < share < 0.5
+    assert estimator_share({**overrides, "quant-policy": "random"}) == pytest.approx(0, abs=1e-9)
+    assert estimator_share({**overrides, "dp": False}) == 0.0
+
+
+def test_pareto_plot_is_written(tmp_path) -> None:
+    rows = [_row(True, "none", [90, 91]), _row(True, "dpquant", [89, 90], 1.8)]
+    path = pareto_plot({"cnn, central": rows, "cnn, federated": rows}, tmp_path / "p.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_estimator_diagnostic_on_a_saved_model(tmp_path) -> None:
+    """Noise sd is σ_a C_a / (q_a |D|) = 3 / (0.05 · 5000) = 0.012 for 10 clients; the best
+    subset is never worse than DPQuant or uniform selection."""
+    from fedquant.models import ModelName, build_model
+    from sims.bench_private import estimator_diagnostic
+    from sims.checkpoint import Checkpoint, save_checkpoint
+
+    model = build_model(ModelName.CNN, seed=3)
+    arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    save_checkpoint(tmp_path, Checkpoint(1, arrays, {}, {}, {}))
+    run = {"out-dir": str(tmp_path), "model": "cnn", "num-supernodes": 10, "seed": 0,
+           "quant-policy": "none", "quant-train-ratio": 0.5, "dp": True}
+    lines = estimator_diagnostic(run, examples=64, draws=100)
+    rows = [line for line in lines if line.startswith("| conv") or line.startswith("| fc")]
+    assert [row.split(" | ")[0] for row in rows] == ["| conv1", "| conv2", "| fc1", "| fc2"]
+    assert all(row.split(" | ")[3] == "0.0120" for row in rows)
+    summary = lines[-1]
+    values = [float(v.rstrip(",.")) for v in summary.split() if v.rstrip(",.").lstrip("-").replace(".", "").isdigit()]
+    best, exact, noisy, uniform = values[-4:]
+    assert best <= min(exact, noisy, uniform) + 1e-12
