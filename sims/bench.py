@@ -29,6 +29,7 @@ AGGREGATORS = ("error-weighted", "fedavg")
 # from reused cells still reports what the whole sweep costs.
 CELL_TIMING = "bench-cell-time.json"
 CELL_SECONDS = "cell-seconds"
+CELL_CPU_SECONDS = "cell-cpu-seconds"
 CELL_KEYS = ("partitioning", "bits", "aggregator", "rounding", "seed")
 ROUNDINGS = ("stochastic", "nearest")
 
@@ -78,9 +79,12 @@ def run_cell(overrides: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     cfg = RunConfig.from_flower(overrides, strict=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     summary = run_in_process(cfg).summary()
-    timing = {CELL_SECONDS: time.perf_counter() - start}
+    timing = {
+        CELL_SECONDS: time.perf_counter() - start,
+        CELL_CPU_SECONDS: time.process_time() - cpu,  # what it costs on a core of its own
+    }
     (Path(cfg.out_dir) / CELL_TIMING).write_text(json.dumps(timing))
     return {**overrides, **summary, **timing}
 
@@ -170,7 +174,9 @@ def collect(out: str | Path, keys: Sequence[str] = CELL_KEYS) -> list[dict[str, 
         if data["summary"]["rounds"] < data["config"]["num-server-rounds"]:
             continue  # unfinished
         cell = {k: data["config"][k] for k in keys}
-        rows.append({**cell, "out-dir": str(path.parent), **data["summary"]})
+        timing = path.parent / CELL_TIMING
+        seconds = json.loads(timing.read_text()) if timing.is_file() else {}
+        rows.append({**cell, "out-dir": str(path.parent), **data["summary"], **seconds})
     return rows
 
 

@@ -41,7 +41,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sims.bench import CELL_SECONDS, collect, run_sweep, sweep_parser, write_report
+from sims.bench import CELL_CPU_SECONDS, CELL_SECONDS, collect, run_sweep, sweep_parser, write_report
 
 POLICIES = ("none", "static", "random", "dpquant")
 ACCOUNTANTS = ("rdp", "prv")
@@ -55,11 +55,14 @@ SETTINGS = {
 # DPQuant ratio per model: the CNN's 4 layers give k = 4 (all) at 0.9, so static and
 # random would coincide; at 0.5 (k = 2) they differ. The ResNet has 10 layers (k = 9).
 FINDING_RATIOS = {"cnn": 0.5, "resnet": 0.9}
+# Softmax temperatures the estimator diagnostic compares (see estimator_diagnostic).
+DIAGNOSTIC_BETAS = (5.0, 20.0, 50.0, 100.0, 200.0, 500.0)
 # Without DP, finding 1 needs the unquantized model and one policy at the same ratio.
 NON_PRIVATE_POLICIES = ("none", "random")
 CELL_KEYS = (
     "dp", "target-epsilon", "accountant", "quant-policy", "quant-train-ratio", "partitioning",
     "num-supernodes", "model", "batch-size", "num-server-rounds", "local-steps", "seed",
+    "dpquant-beta",
 )
 
 
@@ -89,11 +92,14 @@ def _cell(
     batch_size: int,
     accountant: str | None = None,
     curve: bool = False,
+    beta: float | None = None,
 ) -> dict[str, Any]:
     partitioning, clients = SETTINGS[setting]
     accountant = accountant or args.accountant
     privacy = "nodp" if eps is None else f"eps{eps:g}-{accountant}"
     shown_ratio = "" if policy == "none" else f"-r{ratio:g}"
+    if beta is not None:
+        shown_ratio += f"-beta{beta:g}"
     name = (
         f"{model}-{setting}-{privacy}-{policy}{shown_ratio}-b{batch_size}-{rounds}x{local_steps}"
         f"-s{seed}"
@@ -116,6 +122,7 @@ def _cell(
         # Findings keep the accuracy curve: it shows how near its plateau a run ends.
         "eval-every": 1 if curve else rounds,
         "out-dir": str(Path(args.out) / "runs" / name),
+        **({"dpquant-beta": beta} if beta is not None else {}),
     }
 
 
@@ -140,13 +147,16 @@ def cells(args: argparse.Namespace) -> list[Cell]:
     for model, setting in itertools.product(args.findings_models, ("central", "iid")):
         ratio = FINDING_RATIOS[model]
         steps = args.findings_central_steps if setting == "central" else args.findings_local_steps
-        rows = [(args.findings_epsilon, p) for p in POLICIES]
-        rows += [(None, p) for p in NON_PRIVATE_POLICIES]
-        for (eps, policy), seed in itertools.product(rows, args.findings_seeds):
+        rows: list[tuple[float | None, str, float | None]] = [
+            (args.findings_epsilon, p, None) for p in POLICIES
+        ]
+        rows += [(args.findings_epsilon, "dpquant", beta) for beta in args.findings_betas]
+        rows += [(None, p, None) for p in NON_PRIVATE_POLICIES]
+        for (eps, policy, beta), seed in itertools.product(rows, args.findings_seeds):
             add(
                 "findings", setting=setting, eps=eps, policy=policy, ratio=ratio, seed=seed,
                 model=model, rounds=args.findings_rounds, local_steps=steps,
-                batch_size=args.findings_batch_size, curve=True,
+                batch_size=args.findings_batch_size, curve=True, beta=beta,
             )
     for eps, accountant, seed in itertools.product(
         args.accountant_epsilons, ACCOUNTANTS, args.seeds
@@ -262,17 +272,29 @@ class PolicyRow:
     estimator_share: float
 
 
+def _policy_label(r: dict[str, Any]) -> str:
+    """The policy, and DPQuant's β where it is not the default."""
+    from fedquant.dpquant import DEFAULT_BETA
+
+    beta = r.get("dpquant-beta", DEFAULT_BETA)
+    if r["quant-policy"] == "dpquant" and beta != DEFAULT_BETA:
+        return f"dpquant β={beta:g}"
+    return str(r["quant-policy"])
+
+
 def finding_rows(rs: Sequence[dict[str, Any]]) -> list[PolicyRow]:
-    """The findings cells of one (model, setting), grouped by (dp, policy)."""
+    """The findings cells of one (model, setting), grouped by (dp, policy, β)."""
     groups: dict[tuple[bool, str], list[dict[str, Any]]] = {}
     for r in rs:
-        groups.setdefault((r["dp"], r["quant-policy"]), []).append(r)
+        groups.setdefault((r["dp"], _policy_label(r)), []).append(r)
     rows = []
     for (dp, policy), group in sorted(
-        groups.items(), key=lambda kv: (not kv[0][0], POLICIES.index(kv[0][1]))
+        groups.items(), key=lambda kv: (not kv[0][0], POLICIES.index(kv[0][1].split()[0]), kv[0][1])
     ):
         cell = {k: v for k, v in group[0].items() if k in _OVERRIDE_KEYS}
-        share = estimator_share(cell) if dp and policy == "dpquant" else 0.0
+        # PRV's ε carries a numerical error of ~0.01: a share below it shows as 0.
+        dpquant = policy.startswith("dpquant")
+        share = max(0.0, estimator_share(cell)) if dp and dpquant else 0.0
         rows.append(
             PolicyRow(
                 dp, policy, tuple(_accuracy(group)),
@@ -344,7 +366,9 @@ def verdicts(rows: Sequence[PolicyRow]) -> list[str]:
             f" under DP-SGD, {sgd_cost:.2f} under SGD: difference {diff:+.2f} ± {se:.2f} (SE):"
             f" {verdict(diff, se)}"
         )
-    for better, worse in (("dpquant", "random"), ("random", "static")):
+    tuned = sorted(label for dp, label in by if dp and label.startswith("dpquant β"))
+    for better, worse in (("dpquant", "random"), *((t, "random") for t in tuned),
+                          ("random", "static")):
         if (True, better) in by and (True, worse) in by:
             a, b = by[True, better], by[True, worse]
             diff = statistics.mean(a) - statistics.mean(b)
@@ -421,14 +445,16 @@ def estimator_diagnostic(
     def cost(pi: np.ndarray) -> float:
         return float(np.mean([exact[sample_layers(pi, k, rng)].sum() for _ in range(200)]))
 
-    noisy = float(np.mean([
-        exact[sample_layers(selection_probabilities(
-            exact + rng.normal(0.0, total_sd), beta=quant.beta), k, rng)].sum()
-        for _ in range(draws // 10)
-    ]))
+    def noisy(beta: float) -> float:
+        return float(np.mean([
+            exact[sample_layers(selection_probabilities(
+                exact + rng.normal(0.0, total_sd), beta=beta), k, rng)].sum()
+            for _ in range(draws // 10)
+        ]))
+
     lines = [
         f"Estimator signal vs noise: {run['model']}, {cfg.num_supernodes} client(s) of"
-        f" {local:,} examples, final unquantized DP model of seed {run['seed']}; q_a"
+        f" {local:,} examples, final model of the run with seed {run['seed']}; q_a"
         f" {quant.estimator_rate:g} ({subsample:.0f} examples), σ_a {quant.estimator_noise:g},"
         f" C_a {quant.estimator_clip:g}, EMA α {quant.alpha:g}, β {quant.beta:g}, k = {k} of {n}:",
         "| layer | R_i (exact, nats) | sampling sd | DP noise sd | sd after EMA |",
@@ -441,12 +467,23 @@ def estimator_diagnostic(
             f" | {total_sd[i]:.4f} |"
         )
     best = float(np.sort(exact)[:k].sum())
-    lines.append(
-        f"\nExpected loss increase of the k layers quantized together (sum of R_i over"
-        f" the subset): best subset {best:.4f}, DPQuant with exact R {cost(selection_probabilities(exact, beta=quant.beta)):.4f},"
-        f" DPQuant with the noisy EMA {noisy:.4f}, uniform (random; static in expectation)"
-        f" {cost(np.full(n, 1.0 / n)):.4f}."
-    )
+    uniform = cost(np.full(n, 1.0 / n))
+    lines += [
+        "",
+        f"Expected loss increase of the k = {k} layers quantized together (Σ R_i over the"
+        f" subset; best subset {best:.4f}, uniform (random; static in expectation)"
+        f" {uniform:.4f}) for DPQuant at each β, with exact R and with the noisy EMA:",
+        "| β | exact R | noisy EMA | noisy: share of the best-vs-uniform gap closed |",
+        "|---|---|---|---|",
+    ]
+    for beta in sorted({quant.beta, *DIAGNOSTIC_BETAS}):
+        with_noise = noisy(beta)
+        closed = (uniform - with_noise) / (uniform - best) if uniform > best else float("nan")
+        shown = f"{beta:g}" + (" (run's)" if beta == quant.beta else "")
+        lines.append(
+            f"| {shown} | {cost(selection_probabilities(exact, beta=beta)):.4f}"
+            f" | {with_noise:.4f} | {100 * closed:.0f}% |"
+        )
     return lines
 
 
@@ -464,7 +501,8 @@ def pareto_plot(panels: dict[str, Sequence[PolicyRow]], path: Path) -> Path:
         for row in rows:
             mean, std = _mean_std(row.accuracy)
             ax.errorbar(
-                row.speedup, mean, yerr=std, marker=markers[row.policy], markersize=9,
+                row.speedup, mean, yerr=std, markersize=9,
+                marker=markers.get(row.policy, "P"),  # "P": dpquant at another β
                 color="tab:red" if row.dp else "tab:blue", capsize=3, linestyle="none",
                 label=f"{'DP' if row.dp else 'no DP'} {row.policy}",
             )
@@ -580,7 +618,7 @@ QUICK = {
     "seeds": [0], "other_seeds": [0], "rounds": 2, "local_steps": 2, "central_steps": 4,
     "target_epsilons": [8.0], "targets": ["iid", "central"], "findings_seeds": [0],
     "findings_rounds": 2, "findings_local_steps": 1, "findings_central_steps": 2,
-    "findings_batch_size": 64, "accountant_epsilons": [], "noise_epsilons": [8.0],
+    "findings_batch_size": 64, "findings_betas": [200.0], "accountant_epsilons": [], "noise_epsilons": [8.0],
     "throughput_steps": 2, "out": "outputs/bench-private-quick",
 }
 
@@ -614,6 +652,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="local steps per round of the central client (default: as"
                         " many examples as the federation)")
     parser.add_argument("--findings-batch-size", type=int, default=128)
+    parser.add_argument("--findings-betas", nargs="*", type=float, default=[200.0],
+                        help="DPQuant rows at these softmax temperatures besides the"
+                        " default β (see the estimator diagnostic)")
     parser.add_argument("--accountant", choices=ACCOUNTANTS, default="prv",
                         help="accountant of the targets and findings (default prv)")
     parser.add_argument("--accountant-epsilons", nargs="*", type=float, default=[],
@@ -623,6 +664,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="targets at which the calibrated noise multipliers are printed")
     parser.add_argument("--throughput-steps", type=int, default=8)
     parser.add_argument("--format", default="fp4")
+    parser.add_argument("--match", default="",
+                        help="run (and tabulate) only the cells whose name contains this")
     args = parser.parse_args(argv)
     if args.quick:
         defaults = parse_args([])
@@ -634,7 +677,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    todo = cells(args)
+    todo = [c for c in cells(args) if args.match in c.name]
     started = time.perf_counter()
     if args.collect:
         results = collect(args.out, CELL_KEYS)
@@ -698,11 +741,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         report += ["", *dp_sgd_throughput(
             model_name=model, batch_size=args.batch_size, steps=args.throughput_steps,
         )]
-    timed = [r[CELL_SECONDS] for r in results if CELL_SECONDS in r]
+    wall = [r[CELL_SECONDS] for r in results if CELL_SECONDS in r]
+    cpu = [r[CELL_CPU_SECONDS] for r in results if CELL_CPU_SECONDS in r]
     report += [
         "", f"Wall time of this invocation: {(time.perf_counter() - started) / 60:.1f} min."
-        f" The {len(timed)} timed runs took {sum(timed) / 60:.1f} process-minutes in all:"
-        f" {sum(timed) / 60 / args.jobs:.1f} min on {args.jobs} processes, plus the tables.",
+        f" Runs: {len(wall)} timed, {sum(wall) / 60:.1f} process-minutes of wall time"
+        f" ({sum(wall) / 60 / args.jobs:.1f} min on {args.jobs} processes); {len(cpu)} with"
+        f" CPU time, {sum(cpu) / 60:.1f} CPU-minutes.",
     ]
     write_report(report, args.out)
     return 0

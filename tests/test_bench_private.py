@@ -7,6 +7,7 @@ accountant directly.
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections import Counter
 
@@ -150,7 +151,9 @@ def test_estimator_diagnostic_on_a_saved_model(tmp_path) -> None:
     rows = [line for line in lines if line.startswith("| conv") or line.startswith("| fc")]
     assert [row.split(" | ")[0] for row in rows] == ["| conv1", "| conv2", "| fc1", "| fc2"]
     assert all(row.split(" | ")[3] == "0.0120" for row in rows)
-    summary = lines[-1]
-    values = [float(v.rstrip(",.")) for v in summary.split() if v.rstrip(",.").lstrip("-").replace(".", "").isdigit()]
-    best, exact, noisy, uniform = values[-4:]
-    assert best <= min(exact, noisy, uniform) + 1e-12
+    header = next(line for line in lines if "best subset" in line)
+    best = float(re.search(r"best subset (-?[0-9.]+)", header).group(1))
+    betas = [line.split(" | ") for line in lines if re.match(r"\| [0-9]", line)]
+    assert [row[0].split()[1] for row in betas][:2] == ["5", "20"]  # the run's β is the default
+    costs = [float(v) for row in betas for v in row[1:3]]
+    assert len(costs) == 2 * 6 and min(costs) >= best - 1e-12
