@@ -10,9 +10,12 @@ Sections of the report (``bench.md`` in ``--out``, beside ``dpquant-pareto.png``
    defaults except the run length the benchmark chooses (``--rounds`` x ``--local-steps``):
    10 IID clients (``--seeds``), Dirichlet(0.5) and the central reference, one client
    holding all 50,000 examples through the same code path with the same number of
-   examples processed (``--central-steps`` per round) (``--other-seeds``).
+   examples processed (``--central-steps`` per round) (``--other-seeds`` and
+   ``--other-epsilons``).
 2. Findings at ε = ``--findings-epsilon`` and without DP, ``--findings-seeds``, on each
-   ``--findings-models`` at its ratio (``FINDING_RATIOS``), central and federated: the
+   model and data setting of ``--findings`` (``model:central`` is one client with all
+   50,000 examples, ``model:federated`` 10 IID clients) at the model's ratio
+   (``FINDING_RATIOS``): the
    accuracy each policy loses against unquantized training under DP and under SGD
    (finding 1), the policies' order under DP (finding 2), the theoretical speedup of
    each row and the share of ε spent on DPQuant's estimator; the last rounds' gain of
@@ -37,7 +40,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,9 @@ SETTINGS = {
 FINDING_RATIOS = {"cnn": 0.5, "resnet": 0.9}
 # Softmax temperatures the estimator diagnostic compares (see estimator_diagnostic).
 DIAGNOSTIC_BETAS = (5.0, 20.0, 50.0, 100.0, 200.0, 500.0)
+FINDING_CHOICES = [
+    f"{model}:{setting}" for model in FINDING_RATIOS for setting in ("central", "federated")
+]
 # Without DP, finding 1 needs the unquantized model and one policy at the same ratio.
 NON_PRIVATE_POLICIES = ("none", "random")
 CELL_KEYS = (
@@ -126,6 +132,12 @@ def _cell(
     }
 
 
+def _findings(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(model, setting) of each --findings pair; "federated" is the iid setting."""
+    pairs = [choice.split(":") for choice in args.findings]
+    return [(model, "central" if where == "central" else "iid") for model, where in pairs]
+
+
 def cells(args: argparse.Namespace) -> list[Cell]:
     """Targets, findings and the accountant comparison, without duplicates."""
     out: dict[str, Cell] = {}
@@ -134,17 +146,19 @@ def cells(args: argparse.Namespace) -> list[Cell]:
         overrides = _cell(args, **kw)
         out.setdefault(overrides["out-dir"], Cell(section, overrides))
 
-    for setting, eps in itertools.product(args.targets, args.target_epsilons):
+    for setting in args.targets:
         central = setting == "central"
-        seeds = args.seeds if setting == "iid" else args.other_seeds
-        for seed in seeds:
+        iid = setting == "iid"
+        epsilons = args.target_epsilons if iid else args.other_epsilons
+        seeds = args.seeds if iid else args.other_seeds
+        for eps, seed in itertools.product(epsilons, seeds):
             add(
                 "targets", setting=setting, eps=eps, policy="dpquant", ratio=0.5, seed=seed,
                 model="cnn", rounds=args.rounds,
                 local_steps=args.central_steps if central else args.local_steps,
                 batch_size=args.batch_size,
             )
-    for model, setting in itertools.product(args.findings_models, ("central", "iid")):
+    for model, setting in _findings(args):
         ratio = FINDING_RATIOS[model]
         steps = args.findings_central_steps if setting == "central" else args.findings_local_steps
         rows: list[tuple[float | None, str, float | None]] = [
@@ -263,13 +277,17 @@ def _late_gain(rs: Sequence[dict[str, Any]]) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class PolicyRow:
-    """One (privacy, policy) row of a findings table: statistics over seeds."""
+    """One (privacy, policy) row of a findings table: final accuracy (%) per seed."""
 
     dp: bool
     policy: str
     accuracy: tuple[float, ...]
     speedup: float
     estimator_share: float
+    seeds: tuple[int, ...] = ()  # aligned with accuracy; default 0, 1, ...
+
+    def by_seed(self) -> dict[int, float]:
+        return dict(zip(self.seeds or range(len(self.accuracy)), self.accuracy, strict=True))
 
 
 def _policy_label(r: dict[str, Any]) -> str:
@@ -295,10 +313,12 @@ def finding_rows(rs: Sequence[dict[str, Any]]) -> list[PolicyRow]:
         # PRV's ε carries a numerical error of ~0.01: a share below it shows as 0.
         dpquant = policy.startswith("dpquant")
         share = max(0.0, estimator_share(cell)) if dp and dpquant else 0.0
+        group = sorted(group, key=lambda r: r["seed"])
         rows.append(
             PolicyRow(
                 dp, policy, tuple(_accuracy(group)),
                 statistics.mean(r["mean-speedup"] or 1.0 for r in group), share,
+                tuple(r["seed"] for r in group),
             )
         )
     return rows
@@ -331,21 +351,29 @@ def findings_table(rows: Sequence[PolicyRow], late_gain: float) -> list[str]:
     return lines
 
 
-def _standard_error(a: Sequence[float], b: Sequence[float]) -> float:
-    """Standard error of mean(a) - mean(b) for independent samples."""
-    var = sum(statistics.variance(x) / len(x) for x in (a, b) if len(x) > 1)
-    return var**0.5
+def _paired(combine: Callable[..., float], *rows: PolicyRow) -> tuple[float, float, int]:
+    """Mean and standard error over seeds of ``combine(acc_1, ..., acc_m)`` per seed.
+
+    Cells with the same seed share the initial model, the data order and (with seeded
+    noise) the DP noise, so differences between policies are taken seed by seed: the
+    common part of the run-to-run variation cancels (common random numbers)."""
+    maps = [row.by_seed() for row in rows]
+    seeds = sorted(set.intersection(*(set(m) for m in maps)))
+    values = [combine(*(m[seed] for m in maps)) for seed in seeds]
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+    return statistics.mean(values), se, len(values)
 
 
 def verdicts(rows: Sequence[PolicyRow]) -> list[str]:
-    """Paper A's findings, each with the measured difference and its standard error.
+    """Paper A's findings, each as a paired difference (seed by seed) and its standard error.
 
     Finding 1: quantized training costs more accuracy under DP-SGD than under SGD
-    (policy ``random``, the one both privacy settings ran). Finding 2: under DP,
-    dpquant >= random >= static. "holds" when the difference has the claimed sign,
+    (policy ``random``, the one both privacy settings ran): per seed,
+    (DP none - DP random) - (SGD none - SGD random). Finding 2: under DP,
+    dpquant >= random >= static. "holds" when the mean difference has the claimed sign,
     "significant" when it also exceeds two standard errors.
     """
-    by = {(row.dp, row.policy): row.accuracy for row in rows}
+    by = {(row.dp, row.policy): row for row in rows}
     out = []
 
     def verdict(diff: float, se: float) -> str:
@@ -353,29 +381,24 @@ def verdicts(rows: Sequence[PolicyRow]) -> list[str]:
             return "does not hold"
         return "holds, significant (> 2 SE)" if diff > 2 * se else "holds, within 2 SE"
 
-    if all(k in by for k in [(True, "none"), (True, "random"), (False, "none"), (False, "random")]):
-        dp_cost = statistics.mean(by[True, "none"]) - statistics.mean(by[True, "random"])
-        sgd_cost = statistics.mean(by[False, "none"]) - statistics.mean(by[False, "random"])
-        diff = dp_cost - sgd_cost
-        se = (
-            _standard_error(by[True, "none"], by[True, "random"]) ** 2
-            + _standard_error(by[False, "none"], by[False, "random"]) ** 2
-        ) ** 0.5
+    four = [(True, "none"), (True, "random"), (False, "none"), (False, "random")]
+    if all(k in by for k in four):
+        dp_cost, _, _ = _paired(lambda a, b: a - b, by[True, "none"], by[True, "random"])
+        sgd_cost, _, _ = _paired(lambda a, b: a - b, by[False, "none"], by[False, "random"])
+        diff, se, n = _paired(lambda a, b, c, d: (a - b) - (c - d), *(by[k] for k in four))
         out.append(
             f"- finding 1 (quantization costs more under DP): random costs {dp_cost:.2f} points"
-            f" under DP-SGD, {sgd_cost:.2f} under SGD: difference {diff:+.2f} ± {se:.2f} (SE):"
-            f" {verdict(diff, se)}"
+            f" under DP-SGD, {sgd_cost:.2f} under SGD: difference {diff:+.2f} ± {se:.2f}"
+            f" (SE, {n} paired seeds): {verdict(diff, se)}"
         )
     tuned = sorted(label for dp, label in by if dp and label.startswith("dpquant β"))
     for better, worse in (("dpquant", "random"), *((t, "random") for t in tuned),
                           ("random", "static")):
         if (True, better) in by and (True, worse) in by:
-            a, b = by[True, better], by[True, worse]
-            diff = statistics.mean(a) - statistics.mean(b)
-            se = _standard_error(a, b)
+            diff, se, n = _paired(lambda a, b: a - b, by[True, better], by[True, worse])
             out.append(
-                f"- finding 2 under DP, {better} >= {worse}: {diff:+.2f} ± {se:.2f} points (SE):"
-                f" {verdict(diff, se)}"
+                f"- finding 2 under DP, {better} >= {worse}: {diff:+.2f} ± {se:.2f} points"
+                f" (SE, {n} paired seeds): {verdict(diff, se)}"
             )
     return out
 
@@ -495,23 +518,31 @@ def pareto_plot(panels: dict[str, Sequence[PolicyRow]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    cols = min(2, len(panels))
+    rows_n = -(-len(panels) // cols)
+    fig, axes = plt.subplots(
+        rows_n, cols, figsize=(5.0 * cols, 3.6 * rows_n + 0.8), squeeze=False
+    )
     markers = {"none": "o", "static": "s", "random": "^", "dpquant": "*"}
-    for ax, (title, rows) in zip(axes[0], panels.items(), strict=True):
+    handles: dict[str, Any] = {}
+    for ax, (title, rows) in zip(axes.flat, panels.items()):
         for row in rows:
             mean, std = _mean_std(row.accuracy)
-            ax.errorbar(
+            label = f"{'DP' if row.dp else 'no DP'} {row.policy}"
+            handles[label] = ax.errorbar(
                 row.speedup, mean, yerr=std, markersize=9,
                 marker=markers.get(row.policy, "P"),  # "P": dpquant at another β
                 color="tab:red" if row.dp else "tab:blue", capsize=3, linestyle="none",
-                label=f"{'DP' if row.dp else 'no DP'} {row.policy}",
             )
         ax.set_title(title)
         ax.set_xlabel("theoretical training speedup")
+        ax.set_ylabel("final test accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("final test accuracy (%)")
-    axes[0][-1].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.legend(list(handles.values()), list(handles), loc="lower center",
+               ncol=min(4, len(handles)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1 if rows_n > 1 else 0.16, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -617,8 +648,8 @@ def dp_sgd_throughput(*, model_name: str, batch_size: int, steps: int, seed: int
 QUICK = {
     "seeds": [0], "other_seeds": [0], "rounds": 2, "local_steps": 2, "central_steps": 4,
     "target_epsilons": [8.0], "targets": ["iid", "central"], "findings_seeds": [0],
-    "findings_rounds": 2, "findings_local_steps": 1, "findings_central_steps": 2,
-    "findings_batch_size": 64, "findings_betas": [200.0], "accountant_epsilons": [], "noise_epsilons": [8.0],
+    "findings": FINDING_CHOICES, "findings_rounds": 2, "findings_local_steps": 1, "findings_central_steps": 2,
+    "findings_batch_size": 64, "accountant_epsilons": [], "noise_epsilons": [8.0],
     "throughput_steps": 2, "out": "outputs/bench-private-quick",
 }
 
@@ -637,12 +668,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target-epsilons", nargs="*", type=float, default=[2.0, 8.0])
     parser.add_argument("--other-seeds", nargs="*", type=int, default=[0],
                         help="seeds of the dirichlet and central targets (iid: --seeds)")
+    parser.add_argument("--other-epsilons", nargs="*", type=float, default=[8.0],
+                        help="target epsilons of the dirichlet and central targets (iid:"
+                        " --target-epsilons)")
     parser.add_argument("--central-steps", type=int, default=200,
                         help="local steps per round of the central target: 200 x 1 client"
                         " processes as many examples as 20 x 10 clients")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--findings-models", nargs="*", choices=list(FINDING_RATIOS),
-                        default=list(FINDING_RATIOS))
+    parser.add_argument("--findings", nargs="*", choices=FINDING_CHOICES,
+                        default=["cnn:central", "cnn:federated", "resnet:central"],
+                        help="model:setting pairs of the findings section (resnet:federated"
+                        " is left out of the default to fit 90 minutes on 2 cores)")
     parser.add_argument("--findings-epsilon", type=float, default=8.0)
     parser.add_argument("--findings-seeds", nargs="*", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--findings-rounds", type=int, default=4)
@@ -652,7 +688,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="local steps per round of the central client (default: as"
                         " many examples as the federation)")
     parser.add_argument("--findings-batch-size", type=int, default=128)
-    parser.add_argument("--findings-betas", nargs="*", type=float, default=[200.0],
+    parser.add_argument("--findings-betas", nargs="*", type=float, default=[],
                         help="DPQuant rows at these softmax temperatures besides the"
                         " default β (see the estimator diagnostic)")
     parser.add_argument("--accountant", choices=ACCOUNTANTS, default="prv",
@@ -702,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "", *target_table(section["targets"], args.target_epsilons),
         ]
     panels: dict[str, list[PolicyRow]] = {}
-    for model, setting in itertools.product(args.findings_models, ("central", "iid")):
+    for model, setting in _findings(args):
         clients = 1 if setting == "central" else args.clients
         rs = [
             r for r in section["findings"]
@@ -737,7 +773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         " 1e-5, 5 rounds, 5,000 examples, batch 256, DPQuant's estimator queries included)",
         "", *calibrated_noise(args.noise_epsilons),
     ]
-    for model in dict.fromkeys(["cnn", *args.findings_models]):
+    for model in dict.fromkeys(["cnn", *(m for m, _ in _findings(args))]):
         report += ["", *dp_sgd_throughput(
             model_name=model, batch_size=args.batch_size, steps=args.throughput_steps,
         )]

@@ -15,7 +15,7 @@ import pytest
 
 from fedquant.accounting import Accountant, MechanismStep, PrivacyLedger
 from sims.bench_private import (
-    FINDING_RATIOS,
+    FINDING_CHOICES,
     POLICIES,
     PolicyRow,
     cells,
@@ -38,15 +38,20 @@ def test_default_grid_has_every_cell_the_issue_asks_for() -> None:
          c.overrides["quant-policy"])
         for c in grid if c.section == "findings"
     )
-    for model in FINDING_RATIOS:
-        for clients in (1, 10):  # central and federated
-            for policy in POLICIES:
-                assert findings[model, clients, True, policy] >= 5  # >= 5 seeds under DP
-            for policy in ("none", "random"):
-                assert findings[model, clients, False, policy] >= 5
+    assert set(args.findings) >= {"cnn:central", "cnn:federated", "resnet:central"}
+    for model, clients in [("cnn", 1), ("cnn", 10), ("resnet", 1)]:
+        for policy in POLICIES:
+            assert findings[model, clients, True, policy] >= 5  # >= 5 seeds under DP
+        for policy in ("none", "random"):
+            assert findings[model, clients, False, policy] >= 5
     targets = [c.overrides for c in grid if c.section == "targets"]
     iid = [o for o in targets if o["partitioning"] == "iid" and o["num-supernodes"] == 10]
     assert Counter(o["target-epsilon"] for o in iid) == {2.0: 3, 8.0: 3}  # 3 seeds each
+    others = {(o["partitioning"], o["num-supernodes"], o["target-epsilon"]) for o in targets}
+    assert others >= {("dirichlet", 10, 8.0), ("iid", 1, 8.0)}
+    every = cells(parse_args(["--findings", *FINDING_CHOICES]))
+    assert {(c.overrides["model"], c.overrides["num-supernodes"]) for c in every
+            if c.section == "findings"} == {("cnn", 1), ("cnn", 10), ("resnet", 1), ("resnet", 10)}
     central = [o for o in targets if o["num-supernodes"] == 1]
     # The central reference processes as many examples as the federation.
     assert {o["local-steps"] for o in central} == {10 * o["local-steps"] for o in iid}
@@ -63,25 +68,28 @@ def _row(dp: bool, policy: str, acc: list[float], speedup: float = 1.0) -> Polic
     return PolicyRow(dp, policy, tuple(acc), speedup, 0.0)
 
 
-def test_verdicts_follow_the_sign_and_the_standard_error() -> None:
+def test_verdicts_are_paired_by_seed() -> None:
     rows = [
         _row(True, "none", [90, 91, 92]),
         _row(True, "static", [80, 81, 82]),
         _row(True, "random", [84, 85, 86]),
-        _row(True, "dpquant", [84.5, 85.5, 86.5]),
+        _row(True, "dpquant", [84.5, 86.0, 86.0]),
         _row(False, "none", [97, 97.5, 98]),
         _row(False, "random", [96, 96.5, 97]),
     ]
     lines = verdicts(rows)
-    # finding 1: random costs 6 points under DP, 1 under SGD;
-    # SE = sqrt(1/3 + 1/3 + 0.25/3 + 0.25/3) = sqrt(5/6) = 0.91
-    assert "difference +5.00 ± 0.91" in lines[0]
+    # finding 1, per seed: (DP none - DP random) - (SGD none - SGD random) = 6 - 1 = 5,
+    # the same for every seed: no spread, so SE 0 (unpaired it would be 0.91).
+    assert "difference +5.00 ± 0.00 (SE, 3 paired seeds)" in lines[0]
     assert "significant" in lines[0]
-    # dpquant is 0.5 above random, SE sqrt(2/3) = 0.82: holds within 2 SE
-    assert "+0.50" in lines[1] and "within 2 SE" in lines[1]
-    assert "+4.00" in lines[2] and "significant" in lines[2]
+    # dpquant - random per seed: 0.5, 1.0, 0.0: mean 0.5, SE 0.5 / sqrt(3) = 0.29
+    assert "+0.50 ± 0.29" in lines[1] and "within 2 SE" in lines[1]
+    assert "+4.00 ± 0.00" in lines[2] and "significant" in lines[2]
     flipped = verdicts([_row(True, "random", [80, 81]), _row(True, "static", [85, 86])])
     assert "does not hold" in flipped[0]
+    # Only seeds both rows ran are paired.
+    partial = PolicyRow(True, "static", (70.0, 71.0), 1.0, 0.0, seeds=(1, 7))
+    assert "(SE, 1 paired seeds)" in verdicts([_row(True, "random", [80, 81]), partial])[0]
 
 
 def test_findings_table_reports_loss_against_unquantized_of_the_same_privacy() -> None:
