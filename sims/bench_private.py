@@ -1,5 +1,7 @@
-"""Benchmark: private accuracy against the published DP-SGD results, DPQuant's two
-findings (paper A) centrally and federated, and DP-SGD throughput with fake quantization.
+"""Benchmark: private accuracy targets, DPQuant's findings and DP-SGD throughput.
+
+Private accuracy against the published DP-SGD results, DPQuant's two findings (paper A)
+centrally and federated, and DP-SGD throughput with fake quantization:
 
     python -m sims.bench_private              # the default sweep (~90 min on 2 cores)
     python -m sims.bench_private --quick      # a smoke run of every section (~5 min)
@@ -7,11 +9,11 @@ findings (paper A) centrally and federated, and DP-SGD throughput with fake quan
 Sections of the report (``bench.md`` in ``--out``, beside ``dpquant-pareto.png``):
 
 1. Targets: final test accuracy at each ``--target-epsilons`` with the run config's
-   defaults except the run length the benchmark chooses (``--rounds`` x ``--local-steps``):
-   10 IID clients (``--seeds``), Dirichlet(0.5) and the central reference, one client
-   holding all 50,000 examples through the same code path with the same number of
-   examples processed (``--central-steps`` per round) (``--other-seeds`` and
-   ``--other-epsilons``).
+   defaults except the run length the benchmark chooses per ε (``--target-rounds``, else
+   ``--rounds``, of ``--local-steps``): 10 IID clients (``--seeds``), Dirichlet(0.5) and
+   the central reference, one client holding all 50,000 examples through the same code
+   path, processing as many examples as the federation (10x the rounds)
+   (``--other-seeds`` and ``--other-epsilons``).
 2. Findings at ε = ``--findings-epsilon`` and without DP, ``--findings-seeds``, on each
    model and data setting of ``--findings`` (``model:central`` is one client with all
    50,000 examples, ``model:federated`` 10 IID clients) at the model's ratio
@@ -132,6 +134,15 @@ def _cell(
     }
 
 
+def target_rounds(args: argparse.Namespace, eps: float) -> int:
+    """Rounds of the federated targets at ``eps``: ``--target-rounds`` or ``--rounds``."""
+    for pair in args.target_rounds:
+        at, rounds = pair.split("=")
+        if float(at) == eps:
+            return int(rounds)
+    return int(args.rounds)
+
+
 def _findings(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(model, setting) of each --findings pair; "federated" is the iid setting."""
     pairs = [choice.split(":") for choice in args.findings]
@@ -154,9 +165,8 @@ def cells(args: argparse.Namespace) -> list[Cell]:
         for eps, seed in itertools.product(epsilons, seeds):
             add(
                 "targets", setting=setting, eps=eps, policy="dpquant", ratio=0.5, seed=seed,
-                model="cnn", rounds=args.rounds,
-                local_steps=args.central_steps if central else args.local_steps,
-                batch_size=args.batch_size,
+                model="cnn", rounds=target_rounds(args, eps) * (args.clients if central else 1),
+                local_steps=args.local_steps, batch_size=args.batch_size,
             )
     for model, setting in _findings(args):
         ratio = FINDING_RATIOS[model]
@@ -646,7 +656,7 @@ def dp_sgd_throughput(*, model_name: str, batch_size: int, steps: int, seed: int
 
 
 QUICK = {
-    "seeds": [0], "other_seeds": [0], "rounds": 2, "local_steps": 2, "central_steps": 4,
+    "seeds": [0], "other_seeds": [0], "rounds": 2, "local_steps": 2, "target_rounds": [],
     "target_epsilons": [8.0], "targets": ["iid", "central"], "findings_seeds": [0],
     "findings": FINDING_CHOICES, "findings_rounds": 2, "findings_local_steps": 1, "findings_central_steps": 2,
     "findings_batch_size": 64, "accountant_epsilons": [], "noise_epsilons": [8.0],
@@ -671,9 +681,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--other-epsilons", nargs="*", type=float, default=[8.0],
                         help="target epsilons of the dirichlet and central targets (iid:"
                         " --target-epsilons)")
-    parser.add_argument("--central-steps", type=int, default=200,
-                        help="local steps per round of the central target: 200 x 1 client"
-                        " processes as many examples as 20 x 10 clients")
+    parser.add_argument("--target-rounds", nargs="*", default=["2=5"],
+                        help="EPS=ROUNDS: the targets' run length at EPS (others: --rounds);"
+                        " at epsilon 2, 5 rounds beat 10 (measured: README)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--findings", nargs="*", choices=FINDING_CHOICES,
                         default=["cnn:central", "cnn:federated", "resnet:central"],
@@ -732,9 +742,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     if section["targets"]:
         report += [
-            "", f"## Accuracy targets: {args.rounds} rounds x {args.local_steps} local steps"
-            f" of expected batch {args.batch_size} ({args.clients} clients; central:"
-            f" {args.central_steps} steps per round), CNN, DPQuant ratio 0.5",
+            "", f"## Accuracy targets: {args.local_steps} local steps of expected batch"
+            f" {args.batch_size} per round, CNN, DPQuant ratio 0.5; rounds per epsilon"
+            f" {', '.join(f'{e:g}: {target_rounds(args, e)}' for e in args.target_epsilons)}"
+            f" ({args.clients} clients; central: {args.clients}x the rounds)",
             "", *target_table(section["targets"], args.target_epsilons),
         ]
     panels: dict[str, list[PolicyRow]] = {}

@@ -53,8 +53,14 @@ def test_default_grid_has_every_cell_the_issue_asks_for() -> None:
     assert {(c.overrides["model"], c.overrides["num-supernodes"]) for c in every
             if c.section == "findings"} == {("cnn", 1), ("cnn", 10), ("resnet", 1), ("resnet", 10)}
     central = [o for o in targets if o["num-supernodes"] == 1]
-    # The central reference processes as many examples as the federation.
-    assert {o["local-steps"] for o in central} == {10 * o["local-steps"] for o in iid}
+    # The central reference processes as many examples as the federation at its epsilon.
+    for o in central:
+        fed = next(f for f in iid if f["target-epsilon"] == o["target-epsilon"])
+        assert o["local-steps"] * o["num-server-rounds"] == (
+            10 * fed["local-steps"] * fed["num-server-rounds"]
+        )
+    # The run length is chosen per epsilon: 5 rounds at epsilon 2, --rounds (10) at 8.
+    assert {(o["target-epsilon"], o["num-server-rounds"]) for o in iid} == {(2.0, 5), (8.0, 10)}
     assert all(o["dp-noise-seeded"] for o in (c.overrides for c in grid))
 
 
