@@ -56,8 +56,8 @@ def test_default_grid_has_every_cell_the_issue_asks_for() -> None:
     # The central reference processes as many examples as the federation at its epsilon.
     for o in central:
         fed = next(f for f in iid if f["target-epsilon"] == o["target-epsilon"])
-        assert o["local-steps"] * o["num-server-rounds"] == (
-            10 * fed["local-steps"] * fed["num-server-rounds"]
+        assert o["local-steps"] * o["num-server-rounds"] * o["batch-size"] == (
+            10 * fed["local-steps"] * fed["num-server-rounds"] * fed["batch-size"]
         )
     # The run length is chosen per epsilon: 5 rounds at epsilon 2, --rounds (10) at 8.
     assert {(o["target-epsilon"], o["num-server-rounds"]) for o in iid} == {(2.0, 5), (8.0, 10)}
