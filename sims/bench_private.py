@@ -73,6 +73,8 @@ CELL_KEYS = (
     "num-supernodes", "model", "batch-size", "num-server-rounds", "local-steps", "seed",
     "dpquant-beta",
 )
+# The run-config keys of a cell, as results carry them beside the run's summary.
+_OVERRIDE_KEYS = (*CELL_KEYS, "quant-format", "dp-noise-seeded", "eval-every", "out-dir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,8 +340,6 @@ def finding_rows(rs: Sequence[dict[str, Any]]) -> list[PolicyRow]:
     return rows
 
 
-_OVERRIDE_KEYS = (*CELL_KEYS, "quant-format", "dp-noise-seeded", "eval-every", "out-dir")
-
 
 def findings_table(rows: Sequence[PolicyRow], late_gain: float) -> list[str]:
     """Accuracy, loss against unquantized training of the same privacy, speedup, and
@@ -441,6 +441,7 @@ def estimator_diagnostic(
     from fedquant.dpquant import num_quantized, sample_layers, selection_probabilities
     from fedquant.fakequant import quantizable_layers, set_quantized
     from fedquant.models import ModelName, build_model
+    from fedquant.private import _per_example_losses
     from sims.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(run["out-dir"])
@@ -457,15 +458,10 @@ def estimator_diagnostic(
     train = load_mnist().train
     x, y = train.images[:examples], train.labels[:examples]
     n = len(quantizable_layers(model))
-    loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
-    with torch.no_grad():
-        set_quantized(model, [], None)
-        base = loss_fn(model(x), y).double()
-        r = []
-        for i in range(n):
-            set_quantized(model, [i], quant.fmt)
-            r.append(loss_fn(model(x), y).double() - base)
-        set_quantized(model, [], None)
+    losses = _per_example_losses(model, quant.fmt)  # the estimator's own loss function
+    base = losses(None, x, y).double()
+    r = [losses(i, x, y).double() - base for i in range(n)]
+    set_quantized(model, [], None)
     per_example = torch.stack(r, dim=1)  # (examples, n)
     norm = torch.linalg.vector_norm(per_example, dim=1, keepdim=True)
     per_example = per_example * torch.clamp(quant.estimator_clip / norm.clamp_min(1e-300), max=1.0)
