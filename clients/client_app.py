@@ -17,7 +17,7 @@ A client whose next round would exceed its (ε, δ) budget does not train; it re
 with a ``budget-exhausted`` status instead of an update.
 
 What leaves the node (threat model: README "Privacy"): the DP-SGD output, quantized
-(post-processing), and the metrics in ``REPLY_METRICS``, none of them computed from the
+(post-processing), and the metrics in ``fedquant.payload.REPLY_METRICS``, none of them computed from the
 examples except through a charged mechanism. The randomness that protects the examples
 is drawn from OS entropy (:func:`privacy_generator`), never from values the server knows.
 """
@@ -54,12 +54,6 @@ from fedquant.private import (
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
-# Every metric a training reply may carry. Partition size is public by design; the rest
-# is derived from the plan, the schedule (post-processing of DP estimates) and the ledger.
-REPLY_METRICS = frozenset(
-    {"num-examples", "server-round", "speedup", "local-epochs", "quantized-epochs",
-     "epsilon", "noise-multiplier"}
-)
 # Spawn key of the (opt-in, non-private) seeded DP noise stream; see privacy_generator.
 _SEEDED_NOISE_STREAM = 1
 

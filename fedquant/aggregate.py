@@ -19,11 +19,15 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 __all__ = [
+    "DEFAULT_WEIGHT_CAP",
     "RULES",
     "AggregationRule",
     "ErrorWeighted",
+    "SampleWeighted",
     "TrimmedMean",
+    "WeightedRule",
     "aggregate_tensors",
+    "cap_shares",
     "coordinate_median",
     "norm_clip_scales",
     "plain_mean",
@@ -31,6 +35,11 @@ __all__ = [
     "sample_weighted",
     "update_norm",
 ]
+
+DEFAULT_WEIGHT_CAP = 2.0
+"""Largest share of a tensor's weight one reply may get, as a multiple of the equal
+share 1/K: what a reply claims (its MSE, its example count) buys it at most twice the
+weight of an average client."""
 
 
 @runtime_checkable
@@ -69,60 +78,145 @@ def _weighted_sum(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.asarray(total, dtype=np.float32)  # (*tensor_shape)
 
 
+def cap_shares(raw: np.ndarray, *, cap: float) -> np.ndarray:
+    """Normalise non-negative weights to shares summing to 1, none above ``cap / K``.
+
+    Water-filling: a share above the bound is set to it and the mass it loses goes to
+    the others in proportion to their weights, until none exceeds it (at most K
+    passes). ``cap >= 1`` keeps the bound feasible (``cap == 1``: equal shares,
+    ``inf``: no cap);
+    shares below the bound keep their ratios, so honest clients' relative weights are
+    untouched unless one of them is above the bound itself.
+
+    Raises:
+        ValueError: ``raw`` not (K,) finite >= 0 with a positive sum, or ``cap`` < 1.
+    """
+    weights = np.asarray(raw, dtype=np.float64)
+    if weights.ndim != 1 or weights.size == 0:
+        raise ValueError(f"weights must have shape (K,) with K >= 1, got {weights.shape}")
+    if not (np.isfinite(weights).all() and (weights >= 0).all() and weights.sum() > 0):
+        raise ValueError(f"weights must be finite, >= 0 and not all 0, got {weights}")
+    if not cap >= 1.0:  # also refuses NaN; inf: no cap
+        raise ValueError(f"`cap` must be >= 1. Found `{cap!r}`.")
+    bound = cap / weights.size
+    shares = weights / weights.sum()
+    fixed = np.zeros(weights.size, dtype=bool)
+    while (above := (shares > bound * (1 + 1e-12)) & ~fixed).any():
+        fixed |= above
+        free = weights * ~fixed
+        shares = np.where(fixed, bound, 0.0)
+        left = 1.0 - bound * fixed.sum()
+        if free.sum() > 0:
+            shares += left * free / free.sum()
+        else:  # every client is at the bound: cap == 1, equal shares
+            shares = np.full(weights.size, 1.0 / weights.size)
+    return shares
+
+
+def _check_cap(cap: object) -> None:
+    if isinstance(cap, bool) or not isinstance(cap, int | float):
+        raise ValueError(f"`cap` must be a float >= 1. Found `{cap!r}`.")
+    if not cap >= 1.0:  # also refuses NaN; inf: no cap
+        raise ValueError(f"`cap` must be >= 1. Found `{cap!r}`.")
+
+
+@runtime_checkable
+class WeightedRule(Protocol):
+    """A weighted average ``sum_i share_i * w_i`` whose shares come from what the
+    replies claim (``raw_weights``), capped at ``cap / K`` (:func:`cap_shares`). The
+    strategy uses ``raw_weights`` to count and log the replies the cap held back."""
+
+    cap: float
+
+    def raw_weights(self, *, mse: np.ndarray, num_examples: np.ndarray) -> np.ndarray: ...
+
+
+def _capped_average(
+    rule: WeightedRule, values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray
+) -> np.ndarray:
+    """``sum_i share_i * values[i]`` with the rule's capped shares."""
+    values = np.asarray(values)
+    _check_stack(values, mse=np.asarray(mse), num_examples=np.asarray(num_examples))
+    raw = rule.raw_weights(mse=mse, num_examples=num_examples)
+    return _weighted_sum(values, cap_shares(raw, cap=rule.cap))
+
+
 @dataclass(frozen=True)
 class ErrorWeighted:
     """Aggregation by quantization error (paper B, Bozorgasl & Chen 2024, arXiv
     2405.13365, "aggregation by quantization error").
 
-    ``w = sum_i (e_i^-1 / sum_k e_k^-1) * w_i`` with ``e_i = max(mse_i, floor)``.
-    Client data sizes are ignored. The floor guards a perfectly quantized (or
-    unquantized, mse 0) tensor: such clients share the weight almost entirely,
-    instead of causing a division by zero or being dropped. Weights are computed as
-    ``(e_min / e_i) / sum_k (e_min / e_k)``, every ratio in (0, 1], so neither huge
-    nor tiny errors overflow. Caveat: the weights trust each client's reported MSE;
-    a client that under-reports its error gains weight.
+    ``w = sum_i share_i * w_i`` with ``share_i ∝ 1 / e_i``, ``e_i = max(mse_i, floor)``,
+    capped at ``cap / K`` (:func:`cap_shares`). Client data sizes are ignored. The
+    floor guards a perfectly quantized (or unquantized, mse 0) tensor from a division
+    by zero. Caveat: ``mse_i`` is what the client reports. The strategy raises it to
+    the rounding error the server can compute from the declared clip and bits
+    (``fedquant.quantize.rounding_error_floor``) before it gets here, and the cap
+    bounds what is left of an under-report: a reply gains at most ``cap`` times the
+    equal share, however small the error it claims.
     """
 
     floor: float = 1e-12
+    cap: float = DEFAULT_WEIGHT_CAP
 
     def __post_init__(self) -> None:
         if isinstance(self.floor, bool) or not isinstance(self.floor, int | float):
             raise ValueError(f"`floor` must be a positive float. Found `{self.floor!r}`.")
         if not (math.isfinite(self.floor) and self.floor > 0):
             raise ValueError(f"`floor` must be finite and > 0. Found `{self.floor!r}`.")
+        _check_cap(self.cap)
+
+    def raw_weights(self, *, mse: np.ndarray, num_examples: np.ndarray) -> np.ndarray:
+        """``e_min / e_i``: every ratio in (0, 1], so no error overflows."""
+        errors = np.asarray(mse, dtype=np.float64)
+        if not (np.isfinite(errors).all() and (errors >= 0).all()):
+            raise ValueError(f"`mse` must be finite and >= 0, got {errors}")
+        errors = np.maximum(errors, self.floor)
+        return errors.min() / errors
 
     def __call__(
         self, values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray
     ) -> np.ndarray:
-        values = np.asarray(values)
-        errors = np.asarray(mse, dtype=np.float64)
-        _check_stack(values, mse=errors)
-        if not (np.isfinite(errors).all() and (errors >= 0).all()):
-            raise ValueError(f"`mse` must be finite and >= 0, got {errors}")
-        errors = np.maximum(errors, self.floor)
-        ratios = errors.min() / errors  # in (0, 1], the smallest error gets 1
-        return _weighted_sum(values, ratios / ratios.sum())
+        return _capped_average(self, values, mse=mse, num_examples=num_examples)
 
 
-def sample_weighted(
-    values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray
-) -> np.ndarray:
+@dataclass(frozen=True)
+class SampleWeighted:
     """FedAvg: ``w = sum_i (n_i / sum_k n_k) * w_i`` (McMahan et al. 2017,
     "Communication-Efficient Learning of Deep Networks from Decentralized Data",
-    Algorithm 1). ``mse`` is ignored.
+    Algorithm 1), with each share capped at ``cap / K`` (:func:`cap_shares`;
+    ``cap = K`` or more is the paper's rule). ``mse`` is ignored.
+
+    Caveat: ``n_i`` is what the client claims; the server cannot count another
+    machine's examples. The strategy rejects counts at or above ``max-num-examples``
+    and the cap bounds what an inflated count buys: at most ``cap`` times the equal
+    share.
 
     Raises:
         ValueError: a negative or non-finite ``n_i``, or ``sum_k n_k <= 0``.
     """
-    values = np.asarray(values)
-    counts = np.asarray(num_examples, dtype=np.float64)
-    _check_stack(values, num_examples=counts)
-    if not (np.isfinite(counts).all() and (counts >= 0).all()):
-        raise ValueError(f"`num_examples` must be finite and >= 0, got {counts}")
-    total = counts.sum()
-    if total <= 0:
-        raise ValueError(f"`num_examples` must sum to > 0, got {counts}")
-    return _weighted_sum(values, counts / total)
+
+    cap: float = DEFAULT_WEIGHT_CAP
+
+    def __post_init__(self) -> None:
+        _check_cap(self.cap)
+
+    def raw_weights(self, *, mse: np.ndarray, num_examples: np.ndarray) -> np.ndarray:
+        counts = np.asarray(num_examples, dtype=np.float64)
+        if not (np.isfinite(counts).all() and (counts >= 0).all()):
+            raise ValueError(f"`num_examples` must be finite and >= 0, got {counts}")
+        if counts.sum() <= 0:
+            raise ValueError(f"`num_examples` must sum to > 0, got {counts}")
+        return counts
+
+    def __call__(
+        self, values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray
+    ) -> np.ndarray:
+        return _capped_average(self, values, mse=mse, num_examples=num_examples)
+
+
+sample_weighted = SampleWeighted(cap=math.inf)
+"""The paper's FedAvg, uncapped: every claimed example counts."""
 
 
 def plain_mean(values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray) -> np.ndarray:
@@ -152,36 +246,40 @@ class TrimmedMean:
     """Coordinate-wise trimmed mean (Yin et al. 2018, "Byzantine-Robust Distributed
     Learning: Towards Optimal Statistical Rates", Definition 2).
 
-    Per coordinate, sort the K values, drop the ``b = floor(ratio * K)`` smallest
-    and the ``b`` largest, and average the ``K - 2b`` left. ``ratio < 0.5`` keeps at
-    least one value. With few clients it degrades to the plain mean: for
-    ``K < 1 / ratio`` nothing is cut (``b = 0``), so a single hostile client then
-    moves the result; it tolerates up to ``b`` hostile values per coordinate.
-    ``mse`` and ``num_examples`` are ignored. ``b`` is computed as
-    ``scipy.stats.trim_mean`` does (``int(ratio * K)``).
+    Per coordinate, sort the K values, drop the ``b = byzantine`` smallest and the
+    ``b`` largest, and average the ``K - 2b`` left: up to ``b`` hostile values per
+    coordinate cannot pull the result outside the honest values' range. It needs
+    ``K >= 2b + 1``; with fewer replies (some were rejected) it cuts
+    ``floor((K - 1) / 2)`` from each end, the most that leaves a value, which is the
+    median for odd K. The run config checks ``2b + 1 <= sampled clients`` at start.
+    ``mse`` and ``num_examples`` are ignored.
     """
 
-    ratio: float = 0.1
+    byzantine: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, int | float):
-            raise ValueError(f"`ratio` must be a float in [0, 0.5). Found `{self.ratio!r}`.")
-        if not 0.0 <= self.ratio < 0.5:
-            raise ValueError(f"`ratio` must be in [0, 0.5). Found `{self.ratio!r}`.")
+        if isinstance(self.byzantine, bool) or not isinstance(self.byzantine, int):
+            raise ValueError(f"`byzantine` must be an int >= 0. Found `{self.byzantine!r}`.")
+        if self.byzantine < 0:
+            raise ValueError(f"`byzantine` must be >= 0. Found `{self.byzantine!r}`.")
+
+    def cut(self, k: int) -> int:
+        """Values cut from each end with K replies."""
+        return min(self.byzantine, (k - 1) // 2)
 
     def __call__(
         self, values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray
     ) -> np.ndarray:
         values = np.asarray(values)
         k = _check_stack(values)
-        cut = int(self.ratio * k)
+        cut = self.cut(k)
         ordered = np.sort(values.astype(np.float64, copy=False), axis=0)  # (K, *shape)
         return ordered[cut : k - cut].mean(axis=0).astype(np.float32)
 
 
 RULES: dict[str, AggregationRule] = {
     "error-weighted": ErrorWeighted(),
-    "fedavg": sample_weighted,
+    "fedavg": SampleWeighted(),
     "mean": plain_mean,
     "median": coordinate_median,
     "trimmed-mean": TrimmedMean(),

@@ -8,6 +8,7 @@ raises :class:`ConfigError` naming the key and the value, before any client star
 from __future__ import annotations
 
 import dataclasses
+import math
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -82,13 +83,20 @@ class RunConfig:
     out_dir: str = "outputs"
     round_timeout: float = 600.0
     eval_every: int = 1
-    # Faults and hostile replies: fewer accepted replies than min_replies leave the
-    # model unchanged; an update whose L2 norm exceeds update_norm_factor x the median
-    # update norm of its round is scaled down to that bound (0 disables the bound);
-    # trim_ratio is the fraction cut from each end by the trimmed-mean rule.
+    # Faults and hostile replies (strategies.quantized): fewer accepted replies than
+    # min_replies leave the model unchanged; an update whose L2 norm exceeds
+    # update_norm_factor x the round's median is scaled down to it (0: off); a round
+    # whose aggregate step exceeds round_norm_factor x the median of the last rounds
+    # is discarded (0: off); error-weighted and fedavg cap a reply's share at
+    # weight_cap / K; num-examples must be below max_num_examples; median and
+    # trimmed-mean tolerate byzantine_clients hostile replies (trimmed-mean cuts that
+    # many from each end).
     min_replies: int = 1
-    update_norm_factor: float = 10.0
-    trim_ratio: float = 0.1
+    update_norm_factor: float = 1.0
+    round_norm_factor: float = 10.0
+    weight_cap: float = 2.0
+    max_num_examples: int = 10**6
+    byzantine_clients: int = 1
     # Checkpoints: resume continues from the last complete round in out_dir. Client
     # privacy/DPQuant state goes to client_state_dir/<partition-id> when set (a
     # deployed SuperNode's node config "state-dir" takes precedence).
@@ -146,12 +154,18 @@ class RunConfig:
         for name in ("lr", "dp_lr", "mse_floor", "max_clip", "dirichlet_alpha", "round_timeout"):
             if not getattr(self, name) > 0.0:
                 raise ConfigError(_key(name), getattr(self, name), "must be > 0")
-        if not (self.update_norm_factor == 0.0 or self.update_norm_factor >= 1.0):
+        for name in ("update_norm_factor", "round_norm_factor"):
+            factor = getattr(self, name)
+            if not (factor == 0.0 or 1.0 <= factor < math.inf):
+                raise ConfigError(_key(name), factor, "must be 0 (off) or finite and >= 1")
+        if not self.weight_cap >= 1.0:
             raise ConfigError(
-                "update-norm-factor", self.update_norm_factor, "must be 0 (off) or >= 1"
+                "weight-cap", self.weight_cap, "must be >= 1 (1: equal weights, inf: no cap)"
             )
-        if not 0.0 <= self.trim_ratio < 0.5:
-            raise ConfigError("trim-ratio", self.trim_ratio, "must be in [0, 0.5)")
+        if not self.max_num_examples > 1:
+            raise ConfigError("max-num-examples", self.max_num_examples, "must be > 1")
+        if self.byzantine_clients < 0:
+            raise ConfigError("byzantine-clients", self.byzantine_clients, "must be >= 0")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError("momentum", self.momentum, "must be in [0, 1)")
         if not (1 <= self.bits <= 8 or self.bits == UNQUANTIZED_BITS):
@@ -166,6 +180,13 @@ class RunConfig:
             )
         # Flower's FedAvg samples max(int(N * fraction), min-train-nodes) clients a round.
         sampled = max(int(self.num_supernodes * self.fraction_train), self.min_train_nodes)
+        if self.aggregator in ("median", "trimmed-mean") and 2 * self.byzantine_clients >= sampled:
+            raise ConfigError(
+                "byzantine-clients", self.byzantine_clients,
+                f"{self.aggregator} cannot tolerate it: only {sampled} clients are sampled"
+                f" per round and it needs more than twice as many"
+                f" ({2 * self.byzantine_clients + 1})",
+            )
         if self.min_replies > sampled:
             raise ConfigError(
                 "min-replies", self.min_replies,

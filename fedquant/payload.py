@@ -54,6 +54,7 @@ __all__ = [
     "PACKED_DTYPE",
     "PACKED_STYPE",
     "DecodedTensor",
+    "REPLY_METRICS",
     "PayloadError",
     "decode_update",
     "encode_update",
@@ -74,6 +75,13 @@ FLOAT_BITS = 32
 """``bits`` value of the unquantized mode (float32 values, clip 0, mse 0)."""
 META_SEP = "/"
 """Separator between tensor name and field in ``META_KEY`` keys."""
+REPLY_METRICS = frozenset(
+    {"num-examples", "server-round", "speedup", "local-epochs", "quantized-epochs",
+     "epsilon", "noise-multiplier"}
+)
+"""Every metric a training reply may carry; the server rejects a reply with any other.
+Partition size is public by design; the rest is derived from the plan, the DPQuant
+schedule (post-processing of DP estimates) and the privacy ledger."""
 META_FIELDS = ("bits", "clip", "mse")
 """Fields every tensor carries in the ``META_KEY`` record."""
 MAX_NDIM = 32

@@ -61,6 +61,7 @@ __all__ = [
     "dequantize",
     "octav_clip",
     "quantize",
+    "rounding_error_floor",
 ]
 
 _MIN_BITS = 1
@@ -139,6 +140,20 @@ class QuantizedTensor:
     def dequantize(self) -> torch.Tensor:
         """Float32 reconstruction ``s (2 c / n - 1)``, same shape as ``codes``."""
         return dequantize(self.codes, bits=self.bits, clip=self.clip)
+
+
+def rounding_error_floor(*, bits: int, clip: float) -> float:
+    """``Delta^2 / 12`` with ``Delta = 2 s / (2^B - 1)``: the mean squared error of
+    rounding values spread over the grid of step Delta to the nearest level.
+
+    Stochastic rounding of such values errs by ``Delta^2 / 6`` on average and nearest
+    rounding by ``Delta^2 / 12``; clipping only adds error. So a reply that reports a
+    smaller MSE for a tensor of ``bits`` and ``clip`` claims better than its grid
+    allows for typical values, and the server computes this from the two declared
+    fields alone, without trusting the reported MSE (issue: robust weighting).
+    """
+    step = 2.0 * float(clip) / ((1 << _check_bits(bits)) - 1)
+    return step * step / 12.0
 
 
 # ----------------------------------------------------------------------------- validation

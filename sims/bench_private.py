@@ -61,6 +61,12 @@ SETTINGS = {
 # DPQuant ratio per model: the CNN's 4 layers give k = 4 (all) at 0.9, so static and
 # random would coincide; at 0.5 (k = 2) they differ. The ResNet has 10 layers (k = 9).
 FINDING_RATIOS = {"cnn": 0.5, "resnet": 0.9}
+# Findings run length per model (4 rounds): expected batch, local steps per round of
+# the central client, of each of the 10 federated clients. Central and federated
+# process the same examples. The CNN's 51,200 end near the DP plateau (its accuracy
+# changes by less than a point over the last two rounds); the ResNet costs ~6x more
+# per example, so it gets 20,480 to fit the sweep (see the README).
+FINDINGS_PLAN = {"cnn": (256, 50, 5), "resnet": (128, 40, 4)}
 # Softmax temperatures the estimator diagnostic compares (see estimator_diagnostic).
 DIAGNOSTIC_BETAS = (5.0, 20.0, 50.0, 100.0, 200.0, 500.0)
 FINDING_CHOICES = [
@@ -176,7 +182,12 @@ def cells(args: argparse.Namespace) -> list[Cell]:
             )
     for model, setting in _findings(args):
         ratio = FINDING_RATIOS[model]
-        steps = args.findings_central_steps if setting == "central" else args.findings_local_steps
+        batch, central_steps, local_steps = FINDINGS_PLAN[model]
+        batch = args.findings_batch_size or batch
+        if setting == "central":
+            steps = args.findings_central_steps or central_steps
+        else:
+            steps = args.findings_local_steps or local_steps
         rows: list[tuple[float | None, str, float | None]] = [
             (args.findings_epsilon, p, None) for p in POLICIES
         ]
@@ -186,7 +197,7 @@ def cells(args: argparse.Namespace) -> list[Cell]:
             add(
                 "findings", setting=setting, eps=eps, policy=policy, ratio=ratio, seed=seed,
                 model=model, rounds=args.findings_rounds, local_steps=steps,
-                batch_size=args.findings_batch_size, curve=True, beta=beta,
+                batch_size=batch, curve=True, beta=beta,
             )
     for eps, accountant, seed in itertools.product(
         args.accountant_epsilons, ACCOUNTANTS, args.seeds
@@ -697,12 +708,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--findings-epsilon", type=float, default=8.0)
     parser.add_argument("--findings-seeds", nargs="*", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--findings-rounds", type=int, default=4)
-    parser.add_argument("--findings-local-steps", type=int, default=4,
-                        help="local steps per round of the 10 federated clients")
-    parser.add_argument("--findings-central-steps", type=int, default=40,
-                        help="local steps per round of the central client (default: as"
-                        " many examples as the federation)")
-    parser.add_argument("--findings-batch-size", type=int, default=128)
+    parser.add_argument("--findings-local-steps", type=int, default=None,
+                        help="local steps per round of the 10 federated clients (default:"
+                        " FINDINGS_PLAN, per model)")
+    parser.add_argument("--findings-central-steps", type=int, default=None,
+                        help="local steps per round of the central client (default:"
+                        " FINDINGS_PLAN, as many examples as the federation)")
+    parser.add_argument("--findings-batch-size", type=int, default=None,
+                        help="expected batch of the findings runs (default: FINDINGS_PLAN)")
     parser.add_argument("--findings-betas", nargs="*", type=float, default=[],
                         help="DPQuant rows at these softmax temperatures besides the"
                         " default β (see the estimator diagnostic)")
@@ -770,7 +783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report += [
             "", f"## DPQuant's findings: {model}, {where}, ratio {FINDING_RATIOS[model]},"
             f" epsilon {args.findings_epsilon:g} and no DP; {args.findings_rounds} rounds x"
-            f" {steps} local steps of expected batch {args.findings_batch_size}",
+            f" {steps} local steps of expected batch {rs[0]['batch-size']}",
             "", *findings_table(rows, _late_gain(unquantized_dp)), "", *verdicts(rows),
         ]
         panels[f"{model}, {'central' if clients == 1 else 'federated'}"] = rows

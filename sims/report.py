@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -19,7 +20,10 @@ COLUMNS = (
     "failed",
     "missing",
     "skipped",
+    "discarded",
     "norm-clipped",
+    "down-weighted",
+    "step-norm",
     "budget-exhausted",
     "epsilon-max",
     "epsilon-clients",
@@ -31,6 +35,22 @@ COLUMNS = (
     "mse-mean",
     "mse-max",
 )
+
+
+def strict_json(value: Any) -> str:
+    """``value`` as standard JSON (RFC 8259): a non-finite float (a diverged loss)
+    becomes null, never the ``NaN``/``Infinity`` tokens strict parsers refuse."""
+    return json.dumps(_finite(value), indent=2, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -86,7 +106,9 @@ class RunReport:
             "failed-replies": sum(r["failed"] or 0 for r in self.rows),
             "missing-replies": sum(r["missing"] or 0 for r in self.rows),
             "skipped-rounds": sum(r["skipped"] or 0 for r in self.rows),
+            "discarded-rounds": sum(r["discarded"] or 0 for r in self.rows),
             "norm-clipped-replies": sum(r["norm-clipped"] or 0 for r in self.rows),
+            "down-weighted-replies": sum(r["down-weighted"] or 0 for r in self.rows),
         }
 
     def write(self) -> None:
@@ -97,7 +119,7 @@ class RunReport:
             "rounds": self.rows,
             "summary": self.summary(),
         }
-        _atomic_write(self.out_dir / "results.json", json.dumps(payload, indent=2))
+        _atomic_write(self.out_dir / "results.json", strict_json(payload))
         lines = [",".join(COLUMNS)]
         for row in self.rows:
             lines.append(",".join(_csv_cell(row[c]) for c in COLUMNS))

@@ -137,7 +137,7 @@ def run(grid: Grid, cfg: RunConfig, strategy: QuantizedStrategy) -> RunReport:
     _progress(
         "summary: final accuracy %.4f | max epsilon %.3f | mean speedup x%.2f | total uplink %s B"
         " vs float32 %s B | compression x%.2f (%.4f of float32) | rejected %d, failed %d,"
-        " missing %d, skipped rounds %d | results in %s (plot %s)",
+        " missing %d, skipped rounds %d, discarded rounds %d | results in %s (plot %s)",
         s["final-accuracy"] or 0.0,
         s["max-epsilon"],
         s["mean-speedup"] or 1.0,
@@ -149,6 +149,7 @@ def run(grid: Grid, cfg: RunConfig, strategy: QuantizedStrategy) -> RunReport:
         s["failed-replies"],
         s["missing-replies"],
         s["skipped-rounds"],
+        s["discarded-rounds"],
         report.out_dir,
         plot.name,
     )
@@ -177,7 +178,7 @@ def _progress_round(row: dict[str, object]) -> None:
         "round %2d: accuracy %s | uplink %s B vs float32 %s B (x%.1f smaller)"
         " | mse mean %.2e | epsilon max %.3f (clients %s) | quantized layers %s"
         " | speedup x%.2f | accepted %d, rejected %d, failed %d, missing %d,"
-        " budget-exhausted %d, norm-clipped %d%s",
+        " budget-exhausted %d, norm-clipped %d, down-weighted %d%s",
         row["round"],
         "-" if accuracy is None else f"{accuracy:.4f}",
         f"{row['uplink-bytes'] or 0:,}",
@@ -194,7 +195,9 @@ def _progress_round(row: dict[str, object]) -> None:
         row["missing"] or 0,
         row["budget-exhausted"] or 0,
         row["norm-clipped"] or 0,
-        " | SKIPPED: too few replies, model unchanged" if row["skipped"] else "",
+        row["down-weighted"] or 0,
+        " | SKIPPED: too few replies, model unchanged" if row["skipped"]
+        else " | DISCARDED: absurd aggregate, model unchanged" if row["discarded"] else "",
     )
 
 

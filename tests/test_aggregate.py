@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 
 from fedquant.aggregate import (
+    DEFAULT_WEIGHT_CAP,
     RULES,
     AggregationRule,
     ErrorWeighted,
+    SampleWeighted,
     TrimmedMean,
     aggregate_tensors,
+    cap_shares,
     coordinate_median,
     norm_clip_scales,
     plain_mean,
@@ -52,8 +55,10 @@ def _stack(clients: list[dict[str, np.ndarray]], name: str) -> np.ndarray:
 
 
 def test_error_weighted_matches_np_average() -> None:
+    """The paper's rule, uncapped: w_i ∝ 1/mse_i."""
     clients, mse, n = _replies()
-    out = aggregate_tensors(clients, mse=mse, num_examples=n, rule=ErrorWeighted())
+    rule = ErrorWeighted(cap=math.inf)
+    out = aggregate_tensors(clients, mse=mse, num_examples=n, rule=rule)
     for name, shape in SHAPES.items():
         weights = np.array([1.0 / m[name] for m in mse])
         want = np.average(_stack(clients, name), axis=0, weights=weights)
@@ -63,7 +68,7 @@ def test_error_weighted_matches_np_average() -> None:
 
 def test_fedavg_matches_np_average() -> None:
     clients, mse, n = _replies()
-    out = aggregate_tensors(clients, mse=mse, num_examples=n, rule=RULES["fedavg"])
+    out = aggregate_tensors(clients, mse=mse, num_examples=n, rule=sample_weighted)
     for name in SHAPES:
         want = np.average(_stack(clients, name), axis=0, weights=n)
         np.testing.assert_allclose(out[name], want, rtol=1e-6, atol=1e-6)
@@ -101,16 +106,68 @@ def test_weights_are_per_tensor() -> None:
 def test_zero_mse_client_dominates_as_the_floor_implies() -> None:
     values = np.array([[1.0, -2.0], [5.0, 7.0], [-3.0, 0.5]])  # (K=3, 2)
     mse = np.array([0.0, 1e-2, 2e-2])
-    rule = ErrorWeighted(floor=1e-12)
+    rule = ErrorWeighted(floor=1e-12, cap=math.inf)
     out = rule(values, mse=mse, num_examples=np.ones(3))
     assert np.isfinite(out).all()
     weights = 1.0 / np.maximum(mse, 1e-12)
     np.testing.assert_allclose(out, np.average(values, axis=0, weights=weights), rtol=1e-6)
     np.testing.assert_allclose(out, values[0], rtol=1e-8, atol=1e-8)
     # A coarser floor lets the others back in, exactly as 1/max(mse, floor) says.
-    coarse = ErrorWeighted(floor=1e-2)(values, mse=mse, num_examples=np.ones(3))
+    coarse = ErrorWeighted(floor=1e-2, cap=math.inf)(values, mse=mse, num_examples=np.ones(3))
     want = np.average(values, axis=0, weights=[100, 100, 50])
     np.testing.assert_allclose(coarse, want, rtol=1e-6)
+
+
+def _water_fill_oracle(raw: np.ndarray, cap: float) -> np.ndarray:
+    """Water-filling by brute force: the largest claims sit at the bound cap / K and
+    the rest share what is left in proportion to their claims; the answer is the
+    first count of clients at the bound for which no free share exceeds it."""
+    k = raw.size
+    bound = cap / k
+    for fixed_count in range(k + 1):
+        fixed = np.argsort(-raw, kind="stable")[:fixed_count]
+        free = np.setdiff1d(np.arange(k), fixed)
+        shares = np.zeros(k)
+        shares[fixed] = bound
+        if free.size:
+            shares[free] = (1 - bound * fixed_count) * raw[free] / raw[free].sum()
+        if (shares <= bound * (1 + 1e-9)).all():
+            return shares
+    raise AssertionError("no feasible assignment")
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("cap", [1.0, 1.5, 2.0, 4.0])
+def test_cap_shares_matches_water_filling_oracle(seed: int, cap: float) -> None:
+    rng = np.random.default_rng(seed)
+    raw = rng.lognormal(sigma=2.0, size=8)
+    shares = cap_shares(raw, cap=cap)
+    assert shares.sum() == pytest.approx(1.0, rel=1e-12)
+    assert shares.max() <= cap / raw.size * (1 + 1e-9)
+    np.testing.assert_allclose(shares, _water_fill_oracle(raw, cap), rtol=1e-9)
+    # Below the bound the ratios of the claims are kept; the order is never inverted.
+    below = shares < cap / raw.size * (1 - 1e-9)
+    if below.sum() > 1:
+        np.testing.assert_allclose(shares[below] / raw[below], (shares[below] / raw[below])[0])
+    assert (np.diff(shares[np.argsort(raw)]) >= -1e-15).all()
+
+
+def test_a_zero_mse_reply_gets_at_most_cap_over_k() -> None:
+    """Claiming no error at all buys exactly cap / K of the weight, not all of it."""
+    values = np.array([[10.0]] + [[0.0]] * 9)
+    mse = np.array([0.0] + [1e-3] * 9)
+    out = ErrorWeighted()(values, mse=mse, num_examples=np.ones(10))
+    np.testing.assert_allclose(out, [10.0 * DEFAULT_WEIGHT_CAP / 10], rtol=1e-9)
+    fedavg = RULES["fedavg"](values, mse=mse, num_examples=np.array([10**6] + [5000] * 9))
+    np.testing.assert_allclose(fedavg, [10.0 * DEFAULT_WEIGHT_CAP / 10], rtol=1e-9)
+
+
+def test_cap_is_validated() -> None:
+    for bad in (0.5, 0.0, -1.0, float("nan"), True, "2"):
+        with pytest.raises(ValueError, match="cap"):
+            ErrorWeighted(cap=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="cap"):
+            SampleWeighted(cap=bad)  # type: ignore[arg-type]
 
 
 def test_all_zero_mse_gives_plain_mean() -> None:
@@ -131,7 +188,7 @@ def test_all_zero_mse_gives_plain_mean() -> None:
 def test_extreme_mse_does_not_overflow(mse: list[float]) -> None:
     values = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
     with np.errstate(over="raise", divide="raise", invalid="raise"):  # underflow is harmless
-        out = ErrorWeighted()(values, mse=np.array(mse), num_examples=np.ones(3))
+        out = ErrorWeighted(cap=math.inf)(values, mse=np.array(mse), num_examples=np.ones(3))
     assert np.isfinite(out).all()
     # Oracle: w_i = 1/max(mse_i, floor), rescaled in log space so it cannot overflow.
     log_e = np.log(np.maximum(np.array(mse), 1e-12))
@@ -157,10 +214,9 @@ def test_permuting_replies_does_not_change_the_result() -> None:
 # ------------------------------------------------------------ robust rules
 
 
-def _trimmed_mean_oracle(values: np.ndarray, ratio: float) -> np.ndarray:
-    """Per coordinate, in plain Python: drop int(ratio*K) from each end of the sort."""
+def _trimmed_mean_oracle(values: np.ndarray, cut: int) -> np.ndarray:
+    """Per coordinate, in plain Python: drop `cut` values from each end of the sort."""
     k = values.shape[0]
-    cut = int(ratio * k)
     columns = values.reshape(k, -1).T  # (coordinates, K)
     out = [statistics.fmean(sorted(column.tolist())[cut : k - cut]) for column in columns]
     return np.array(out).reshape(values.shape[1:])
@@ -183,36 +239,45 @@ def test_median_of_even_k_is_the_mean_of_the_middle_two() -> None:
 
 
 @pytest.mark.parametrize(
-    ("k", "ratio"), [(5, 0.2), (6, 0.2), (4, 0.25), (10, 0.1), (7, 0.3), (9, 0.45), (3, 0.1)]
+    ("k", "byzantine"), [(5, 1), (6, 1), (4, 1), (10, 1), (7, 2), (9, 4), (3, 0), (10, 3)]
 )
-def test_trimmed_mean_matches_sort_oracle(k: int, ratio: float) -> None:
+def test_trimmed_mean_matches_sort_oracle(k: int, byzantine: int) -> None:
     clients, mse, n = _replies(k=k)
-    out = aggregate_tensors(clients, mse=mse, num_examples=n, rule=TrimmedMean(ratio))
+    out = aggregate_tensors(clients, mse=mse, num_examples=n, rule=TrimmedMean(byzantine))
     for name in SHAPES:
-        want = _trimmed_mean_oracle(_stack(clients, name), ratio)
+        want = _trimmed_mean_oracle(_stack(clients, name), byzantine)
         np.testing.assert_allclose(out[name], want, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize(("k", "ratio"), [(5, 0.2), (6, 0.2), (10, 0.1), (8, 0.3)])
 def test_trimmed_mean_matches_scipy(k: int, ratio: float) -> None:
+    """scipy cuts int(ratio * K) from each end: the same as byzantine = that count."""
     stats = pytest.importorskip("scipy.stats")
     clients, mse, n = _replies(k=k)
-    out = aggregate_tensors(clients, mse=mse, num_examples=n, rule=TrimmedMean(ratio))
+    rule = TrimmedMean(int(ratio * k))
+    out = aggregate_tensors(clients, mse=mse, num_examples=n, rule=rule)
     for name in SHAPES:
         want = stats.trim_mean(_stack(clients, name), ratio, axis=0)
         np.testing.assert_allclose(out[name], want, rtol=1e-6, atol=1e-7)
 
 
-def test_trimmed_mean_with_too_few_clients_is_the_plain_mean() -> None:
-    clients, mse, n = _replies(k=4)  # int(0.2 * 4) == 0: nothing to cut
-    trimmed = aggregate_tensors(clients, mse=mse, num_examples=n, rule=TrimmedMean(0.2))
+@pytest.mark.parametrize("k", [3, 4, 5])
+def test_trimmed_mean_with_too_few_replies_cuts_all_but_the_middle(k: int) -> None:
+    """With K < 2b + 1 it cuts floor((K - 1) / 2) from each end: the median for odd K."""
+    clients, mse, n = _replies(k=k)
+    trimmed = aggregate_tensors(clients, mse=mse, num_examples=n, rule=TrimmedMean(3))
     for name in SHAPES:
-        np.testing.assert_allclose(trimmed[name], _stack(clients, name).mean(axis=0), rtol=1e-6)
+        want = _trimmed_mean_oracle(_stack(clients, name), (k - 1) // 2)
+        np.testing.assert_allclose(trimmed[name], want, rtol=1e-6, atol=1e-7)
+    if k % 2:
+        median = aggregate_tensors(clients, mse=mse, num_examples=n, rule=coordinate_median)
+        for name in SHAPES:
+            np.testing.assert_allclose(trimmed[name], median[name], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize(
     ("k", "rule"),
-    [(5, coordinate_median), (6, coordinate_median), (5, TrimmedMean(0.2)), (6, TrimmedMean(0.2))],
+    [(5, coordinate_median), (6, coordinate_median), (5, TrimmedMean(1)), (6, TrimmedMean(1))],
     ids=["median-odd", "median-even", "trimmed-odd", "trimmed-even"],
 )
 def test_one_outlier_does_not_move_robust_rules(k: int, rule: AggregationRule) -> None:
@@ -234,16 +299,16 @@ def test_one_outlier_does_not_move_robust_rules(k: int, rule: AggregationRule) -
     assert np.abs(mean["conv.bias"]).min() > 1e20
 
 
-def test_trimmed_mean_ratio_is_validated() -> None:
-    for bad in (0.5, 0.7, -0.1, float("nan"), float("inf"), True, "0.1"):
-        with pytest.raises(ValueError, match="ratio"):
+def test_trimmed_mean_count_is_validated() -> None:
+    for bad in (-1, 0.5, float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="byzantine"):
             TrimmedMean(bad)  # type: ignore[arg-type]
 
 
 def test_robust_rules_are_registered() -> None:
     assert resolve_rule("median") is coordinate_median
     trimmed = resolve_rule("trimmed-mean")
-    assert isinstance(trimmed, TrimmedMean) and trimmed.ratio == 0.1
+    assert isinstance(trimmed, TrimmedMean) and trimmed.byzantine == 1
 
 
 # ---------------------------------------------------------------- norm bound

@@ -11,13 +11,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from opacus.accountants import PRVAccountant
 from torch.utils.data import DataLoader, TensorDataset
 
-from clients.client_app import REPLY_METRICS, train
+from clients.client_app import train
 from fedquant.accounting import Accountant, MechanismStep, PrivacyLedger
 from fedquant.config import RunConfig
 from fedquant.models import build_model
 from fedquant.node_state import PRIVACY_RECORD, SCHEDULER_RECORD
+from fedquant.payload import REPLY_METRICS
 from fedquant.private import private_engine, round_plan
-from strategies.quantized import QuantizedStrategy
+from strategies.quantized import strategy_from_config
 
 
 @pytest.mark.parametrize(("n", "batch"), [(12500, 32), (5000, 64), (1000, 64), (37, 8)])
@@ -131,7 +132,7 @@ def test_budget_is_never_exceeded_and_exhaustion_is_a_status(accountant: Account
     assert metrics["epsilon"] <= cfg.target_epsilon
     assert dict(context.state[PRIVACY_RECORD]) == before  # nothing spent
 
-    strategy = QuantizedStrategy()
+    strategy = strategy_from_config(cfg)
     strategy._global = ArrayRecord(build_model(CFG.model, seed=0).state_dict())
     new, round_metrics = strategy.aggregate_train(4, [reply])
     assert new is None

@@ -18,6 +18,7 @@ from fedquant.quantize import (
     dequantize,
     octav_clip,
     quantize,
+    rounding_error_floor,
 )
 from fedquant.throughput import quantize_pack_throughput
 
@@ -583,3 +584,24 @@ def test_throughput_rows_smoke() -> None:
     for row in rows:
         assert set(row) == {"method", "mb_per_s", "ratio_vs_torch"}
         assert row["mb_per_s"] > 0
+
+
+@pytest.mark.parametrize(
+    ("rounding", "per_grid"), [(Rounding.NEAREST, 1.0), (Rounding.STOCHASTIC, 2.0)]
+)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_rounding_error_floor_is_the_grid_error_of_spread_values(
+    rounding: Rounding, per_grid: float, bits: int
+) -> None:
+    """Values uniform over [-s, s]: nearest rounding errs by Delta^2/12 on average, the
+    floor itself, and stochastic rounding by Delta^2/6, twice it; within 4 standard
+    errors of the mean squared error, estimated from the same sample."""
+    s = 0.37
+    x = (torch.rand(200_000, generator=torch.Generator().manual_seed(bits)) * 2 - 1) * s
+    generator = torch.Generator().manual_seed(1)
+    q = quantize(x, bits=bits, clip=s, rounding=rounding, generator=generator)
+    squared = (x.double() - q.dequantize().double()).pow(2).numpy()
+    floor = rounding_error_floor(bits=bits, clip=s)
+    assert floor == pytest.approx((2 * s / (2**bits - 1)) ** 2 / 12, rel=1e-12)
+    standard_error = squared.std() / math.sqrt(squared.size)
+    assert abs(squared.mean() - per_grid * floor) < 4 * standard_error

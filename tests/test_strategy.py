@@ -20,11 +20,11 @@ from flwr.app import (
 )
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
 
-from fedquant.aggregate import ErrorWeighted, TrimmedMean, update_norm
+from fedquant.aggregate import ErrorWeighted, SampleWeighted, TrimmedMean, update_norm
 from fedquant.config import ConfigError, PayloadMode, RunConfig
 from fedquant.payload import CODES_KEY, META_KEY, decode_update, encode_update, serialized_size
 from fedquant.quantize import ClipRule, Rounding
-from strategies.quantized import QuantizedStrategy, strategy_from_config
+from strategies.quantized import QuantizedStrategy, ReplyLimits, strategy_from_config
 
 SHAPES = {"conv.weight": (4, 1, 3, 3), "conv.bias": (4,), "fc.weight": (10, 36), "fc.bias": (10,)}
 
@@ -91,12 +91,17 @@ def started(strategy: QuantizedStrategy, arrays: ArrayRecord) -> QuantizedStrate
 
 
 def expected_error_weighted(arrays: ArrayRecord, msgs: list[Message]) -> dict[str, np.ndarray]:
-    """numpy oracle: w = Σ_i (1/e_i / Σ_k 1/e_k) (w_g + Δ̂_i), per tensor."""
+    """numpy oracle: w = Σ_i (1/e_i / Σ_k 1/e_k) (w_g + Δ̂_i), per tensor, with e_i the
+    reported MSE raised to Δ²/12 of the declared grid, Δ = 2 clip / (2^bits - 1)."""
     decoded = [decode_update(m.content) for m in msgs]
     out = {}
     for name in SHAPES:
         values = np.stack([arrays[name].numpy() + d[name].values for d in decoded])
-        weights = np.array([1.0 / max(d[name].mse, 1e-12) for d in decoded])
+        grid = [(2 * d[name].clip / (2 ** d[name].bits - 1)) ** 2 / 12 for d in decoded]
+        errors = [max(d[name].mse, g, 1e-12) for d, g in zip(decoded, grid, strict=True)]
+        weights = 1.0 / np.array(errors)
+        # Honest replies of similar error: the share cap (2 / K) does not bind.
+        assert (weights / weights.sum()).max() < 2 / len(msgs)
         out[name] = np.average(values, axis=0, weights=weights)
     return out
 
@@ -163,7 +168,7 @@ CORRUPTIONS = [
 def test_aggregates_against_numpy_oracle() -> None:
     arrays = global_arrays()
     msgs = [reply(i, update(i)) for i in range(4)]
-    strategy = started(QuantizedStrategy(rule=ErrorWeighted()), arrays)
+    strategy = started(QuantizedStrategy(rule=ErrorWeighted(), update_norm_factor=0.0), arrays)
     new, metrics = strategy.aggregate_train(1, msgs)
     assert new is not None and metrics is not None
     oracle = expected_error_weighted(arrays, msgs)
@@ -180,7 +185,7 @@ def test_malformed_reply_is_rejected_and_round_goes_on(corrupt) -> None:
     arrays = global_arrays()
     good = [reply(i, update(i)) for i in range(3)]
     bad = corrupt(reply(99, update(99, scale=100.0)))
-    strategy = started(QuantizedStrategy(rule=ErrorWeighted()), arrays)
+    strategy = started(QuantizedStrategy(rule=ErrorWeighted(), update_norm_factor=0.0), arrays)
     new, metrics = strategy.aggregate_train(1, [good[0], bad, good[1], good[2]])
     assert metrics["rejected"] == 1 and metrics["accepted"] == 3
     oracle = expected_error_weighted(arrays, good)
@@ -308,9 +313,10 @@ def test_norm_bound_clips_a_huge_update_exactly_to_the_bound(
     assert moved <= (bound + update_norm(honest_mean)) / 5 + 1e-5
     unclipped = update_norm({k: decoded[4][k] - honest_mean[k] for k in SHAPES}) / 5
     assert moved < unclipped / 2
-    logged = [r.getMessage() for r in caplog.records if "exceeds the bound" in r.getMessage()]
+    logged = [r.getMessage() for r in caplog.records if "x the bound" in r.getMessage()]
     assert len(logged) == 1 and "node 4" in logged[0]
     assert f"{norms[4]:.6g}" in logged[0] and f"{bound:.6g}" in logged[0]
+    assert f"x{bound / norms[4]:.3g}" in logged[0]
 
 
 def test_norm_bound_zero_disables_clipping() -> None:
@@ -328,11 +334,11 @@ def test_norm_bound_zero_disables_clipping() -> None:
 def test_norm_bound_leaves_honest_rounds_alone() -> None:
     arrays = global_arrays()
     msgs = [reply(i, update(i)) for i in range(4)]
-    on = started(QuantizedStrategy(rule=ErrorWeighted(), update_norm_factor=1.0), arrays)
+    on = started(QuantizedStrategy(rule=ErrorWeighted()), arrays)
     new, metrics = on.aggregate_train(1, msgs)
-    # Factor 1: everything above the median is cut; K=4 has two above it.
+    # The default factor 1: everything above the median is cut; K=4 has two above it.
     assert metrics["norm-clipped"] == 2
-    loose = started(QuantizedStrategy(rule=ErrorWeighted()), arrays)
+    loose = started(QuantizedStrategy(rule=ErrorWeighted(), update_norm_factor=1.5), arrays)
     new, metrics = loose.aggregate_train(1, msgs)
     assert metrics["norm-clipped"] == 0
     oracle = expected_error_weighted(arrays, msgs)
@@ -387,17 +393,25 @@ def test_constructor_validates_min_replies_and_norm_factor() -> None:
     for bad in (0.5, -1.0, float("nan"), float("inf"), True):
         with pytest.raises(ValueError, match="update_norm_factor"):
             QuantizedStrategy(update_norm_factor=bad)
+        with pytest.raises(ValueError, match="round_norm_factor"):
+            QuantizedStrategy(round_norm_factor=bad)
 
 
 def test_strategy_from_config_passes_the_robustness_keys() -> None:
     cfg = RunConfig(
-        aggregator="trimmed-mean", trim_ratio=0.3, min_replies=4, update_norm_factor=0.0
+        aggregator="trimmed-mean", byzantine_clients=3, min_replies=4, update_norm_factor=0.0,
+        round_norm_factor=5.0, max_num_examples=1000, dp=False,
     )
     strategy = strategy_from_config(cfg)
-    assert strategy.rule == TrimmedMean(0.3)
+    assert strategy.rule == TrimmedMean(3)
     assert strategy.min_replies == 4 and strategy.update_norm_factor == 0.0
+    assert strategy.round_norm_factor == 5.0
+    assert strategy.limits == ReplyLimits(max_epsilon=None, max_num_examples=1000, max_speedup=4.0)
     stock = strategy_from_config(RunConfig(aggregator="flwr:FedAdam", min_replies=2))
-    assert stock.min_replies == 2 and stock.update_norm_factor == 10.0
+    assert stock.min_replies == 2 and stock.update_norm_factor == 1.0
+    assert stock.limits.max_epsilon == 8.0
+    capped = strategy_from_config(RunConfig(aggregator="fedavg", weight_cap=3.0)).rule
+    assert capped == SampleWeighted(cap=3.0)
     assert strategy_from_config(RunConfig(aggregator="median")).rule is not None
 
 
@@ -406,7 +420,7 @@ def test_strategy_from_config_passes_the_robustness_keys() -> None:
 
 def test_state_round_trips_through_json() -> None:
     arrays = global_arrays()
-    strategy = QuantizedStrategy(rule="mean")
+    strategy = QuantizedStrategy(rule="mean", limits=ReplyLimits(max_epsilon=1.0))
     strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid(3))
     strategy.aggregate_train(1, [reply(i, update(i), epsilon=0.25 * i + 0.1) for i in range(3)])
     state = json.loads(json.dumps(strategy.state()))
@@ -414,6 +428,7 @@ def test_state_round_trips_through_json() -> None:
     restored.load_state(state)
     assert restored.epsilon_by_node == strategy.epsilon_by_node == {0: 0.1, 1: 0.35, 2: 0.6}
     assert restored.sent_by_round == {1: 3}
+    assert restored.recent_steps == strategy.recent_steps and len(strategy.recent_steps) == 1
     assert restored.state() == strategy.state()
 
 

@@ -30,9 +30,9 @@ from flwr.app import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedquant.payload import CODES_KEY, MAX_MSE, META_KEY, encode_update
+from fedquant.payload import CODES_KEY, MAX_MSE, META_KEY, REPLY_METRICS, encode_update
 from fedquant.quantize import ClipRule, Rounding
-from strategies.quantized import MAX_NUM_EXAMPLES, METRICS_KEY, QuantizedStrategy
+from strategies.quantized import MAX_NUM_EXAMPLES, METRICS_KEY, QuantizedStrategy, ReplyLimits
 
 SHAPES = {"conv.weight": (4, 1, 3, 3), "conv.bias": (4,), "fc.weight": (10, 36), "fc.bias": (10,)}
 ROUND = 3
@@ -68,6 +68,8 @@ def _content(node: int, bits: int) -> RecordDict:
             "num-examples": 10 * node + 5,
             "server-round": ROUND,
             "epsilon": 1.0,
+            "noise-multiplier": 1.1,
+            "speedup": 1.5,
             "local-epochs": 2,
             "quantized-epochs": [1, 2],
         }
@@ -88,6 +90,8 @@ def reply(node: int, bits: int = 4) -> Message:
 
 
 GOOD_NODES = (1, 2, 3)
+# The run's privacy budget and caps: replies must stay within them.
+LIMITS = ReplyLimits(max_epsilon=2.0, max_speedup=4.0)
 
 
 @functools.cache
@@ -97,7 +101,7 @@ def good() -> list[Message]:
 
 
 def aggregate(replies: list[Message]) -> tuple[QuantizedStrategy, ArrayRecord | None, MetricRecord]:
-    strategy = QuantizedStrategy(max_clip=MAX_CLIP)
+    strategy = QuantizedStrategy(max_clip=MAX_CLIP, limits=LIMITS)
     strategy._global = global_arrays()  # as configure_train records it
     arrays, metrics = strategy.aggregate_train(ROUND, replies)
     assert metrics is not None
@@ -344,7 +348,7 @@ def missing_metric(msg: Message, data: st.DataObject) -> Message:
 def bad_num_examples(msg: Message, data: st.DataObject) -> Message:
     value = data.draw(
         st.integers(max_value=0)
-        | st.integers(min_value=MAX_NUM_EXAMPLES + 1)
+        | st.integers(min_value=MAX_NUM_EXAMPLES)  # the limit is exclusive
         | huge_ints
         | st.floats()  # even 100.0: a count is an int
         | not_finite
@@ -365,9 +369,29 @@ def other_round(msg: Message, data: st.DataObject) -> Message:
 def bad_other_metric(msg: Message, data: st.DataObject) -> Message:
     key, value = data.draw(
         st.one_of(
-            st.tuples(st.just("epsilon"), st.floats(max_value=-1e-300) | not_finite | beyond_float),
-            st.tuples(st.just("speedup"), st.floats(max_value=0.0) | not_finite | beyond_float),
-            st.tuples(st.just("local-epochs"), st.floats() | st.integers(max_value=-1)),
+            st.tuples(
+                st.just("epsilon"),
+                st.floats(max_value=-1e-300)
+                | st.floats(min_value=2.0 * 1.0101)  # beyond the budget and its tolerance
+                | not_finite
+                | beyond_float,
+            ),
+            st.tuples(
+                st.just("noise-multiplier"),
+                st.floats(max_value=0.0) | st.floats(min_value=1e6) | not_finite | beyond_float,
+            ),
+            st.tuples(
+                st.just("speedup"),
+                st.floats(max_value=0.0) | st.floats(min_value=4.001) | not_finite | beyond_float,
+            ),
+            st.tuples(
+                st.just("local-epochs"), st.floats() | st.integers(max_value=-1) | huge_ints
+            ),
+            # A metric the reply schema does not have (e.g. a loss the server never asked for).
+            st.tuples(
+                st.text(min_size=1, max_size=12).filter(lambda k: k not in REPLY_METRICS),
+                st.floats(allow_nan=False) | st.integers(),
+            ),
             st.tuples(
                 st.just("quantized-epochs"),
                 st.lists(st.integers(), min_size=1, max_size=3).filter(
@@ -396,7 +420,9 @@ def bad_budget_status(msg: Message, data: st.DataObject) -> Message:
     elif key == "server-round":
         metrics[key] = data.draw(st.integers().filter(lambda r: r != ROUND) | st.floats())
     else:
-        metrics[key] = data.draw(st.floats(max_value=-1e-300) | not_finite | beyond_float)
+        metrics[key] = data.draw(
+            st.floats(max_value=-1e-300) | st.floats(min_value=2.03) | not_finite | beyond_float
+        )
     content = RecordDict({METRICS_KEY: MetricRecord(metrics)})
     return Message(content=content, reply_to=instruction(BAD_NODE))
 
