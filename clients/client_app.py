@@ -17,8 +17,8 @@ A client whose next round would exceed its (ε, δ) budget does not train; it re
 with a ``budget-exhausted`` status instead of an update.
 
 What leaves the node (threat model: README "Privacy"): the DP-SGD output, quantized
-(post-processing), and the metrics in ``fedquant.payload.REPLY_METRICS``, none of them computed from the
-examples except through a charged mechanism. The randomness that protects the examples
+(post-processing), and the metrics in ``fedquant.payload.REPLY_METRICS``, none of them
+computed from the examples except through a charged mechanism. The randomness that protects the examples
 is drawn from OS entropy (:func:`privacy_generator`), never from values the server knows.
 """
 

@@ -3,7 +3,7 @@
 Private accuracy against the published DP-SGD results, DPQuant's two findings (paper A)
 centrally and federated, and DP-SGD throughput with fake quantization:
 
-    python -m sims.bench_private              # the default sweep (~90 min on 2 cores)
+    python -m sims.bench_private              # the default sweep (~85 min on 2 cores)
     python -m sims.bench_private --quick      # a smoke run of every section (~5 min)
 
 Sections of the report (``bench.md`` in ``--out``, beside ``dpquant-pareto.png``):
@@ -702,9 +702,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         " let the noise's random walk grow the weights 40x and ended at"
                         " 67%% (epsilon 8)")
     parser.add_argument("--findings", nargs="*", choices=FINDING_CHOICES,
-                        default=["cnn:central", "cnn:federated", "resnet:central"],
-                        help="model:setting pairs of the findings section (resnet:federated"
-                        " is left out of the default to fit 90 minutes on 2 cores)")
+                        default=["cnn:central", "cnn:federated"],
+                        help="model:setting pairs of the findings section; the default fits"
+                        " 90 minutes on 2 cores with the targets; resnet:central adds ~35"
+                        " min (30 runs of ~140 CPU-s), resnet:federated as much again")
     parser.add_argument("--findings-epsilon", type=float, default=8.0)
     parser.add_argument("--findings-seeds", nargs="*", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--findings-rounds", type=int, default=4)

@@ -140,7 +140,9 @@ class ReplyLimits:
                 f"`max_num_examples` must be an int > 1. Found `{self.max_num_examples!r}`."
             )
         if not (math.isfinite(self.max_speedup) and self.max_speedup >= 1):
-            raise ValueError(f"`max_speedup` must be finite and >= 1. Found `{self.max_speedup!r}`.")
+            raise ValueError(
+                f"`max_speedup` must be finite and >= 1. Found `{self.max_speedup!r}`."
+            )
 
 
 @dataclass(frozen=True)
@@ -318,12 +320,13 @@ class QuantizedStrategy(Strategy):
             )
             metrics["skipped"] = 1
             return None, metrics
-        if isinstance(self.rule, TrimmedMean) and self.rule.cut(len(accepted)) < self.rule.byzantine:
+        rule = self.rule
+        if isinstance(rule, TrimmedMean) and rule.cut(len(accepted)) < rule.byzantine:
             log(
                 WARNING,
                 "Round %d: only %d replies accepted; trimmed-mean cuts %d from each end, "
                 "fewer than the %d Byzantine clients it is configured for",
-                server_round, len(accepted), self.rule.cut(len(accepted)), self.rule.byzantine,
+                server_round, len(accepted), rule.cut(len(accepted)), rule.byzantine,
             )
         try:
             arrays = self._aggregate(server_round, accepted, global_arrays, metrics)
@@ -489,7 +492,8 @@ class QuantizedStrategy(Strategy):
         local_epochs = _metric(metrics, "local-epochs", int) if "local-epochs" in metrics else 0
         if not 0 <= local_epochs < 10**6:
             raise PayloadError(
-                tensor=None, field="local-epochs", reason=f"must be in 0..999999, got {local_epochs}"
+                tensor=None, field="local-epochs",
+                reason=f"must be in 0..999999, got {local_epochs}",
             )
         quantized = metrics.get("quantized-epochs", [])
         if not (
