@@ -88,7 +88,7 @@ class RunConfig:
     # update_norm_factor x the round's median is scaled down to it (0: off); a round
     # whose aggregate step exceeds round_norm_factor x the median of the last rounds
     # is discarded (0: off); error-weighted and fedavg cap a reply's share at
-    # weight_cap / K; num-examples must be below max_num_examples; median and
+    # weight_cap / K (0: no cap); num-examples must be below max_num_examples; median and
     # trimmed-mean tolerate byzantine_clients hostile replies (trimmed-mean cuts that
     # many from each end).
     min_replies: int = 1
@@ -158,9 +158,10 @@ class RunConfig:
             factor = getattr(self, name)
             if not (factor == 0.0 or 1.0 <= factor < math.inf):
                 raise ConfigError(_key(name), factor, "must be 0 (off) or finite and >= 1")
-        if not self.weight_cap >= 1.0:
+        if not (self.weight_cap == 0.0 or 1.0 <= self.weight_cap < math.inf):
             raise ConfigError(
-                "weight-cap", self.weight_cap, "must be >= 1 (1: equal weights, inf: no cap)"
+                "weight-cap", self.weight_cap,
+                "must be 0 (no cap) or finite and >= 1 (1: equal weights)",
             )
         if not self.max_num_examples > 1:
             raise ConfigError("max-num-examples", self.max_num_examples, "must be > 1")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import statistics
 import sys
 from collections.abc import Sequence
@@ -44,7 +43,7 @@ AGGREGATORS: dict[str, dict[str, Any]] = {
     "median": {"aggregator": "median", "byzantine_clients": 3},
     "trimmed-mean (b=3)": {"aggregator": "trimmed-mean", "byzantine_clients": 3},
     "undefended": {
-        "aggregator": "error-weighted", "update_norm_factor": 10.0, "weight_cap": math.inf,
+        "aggregator": "error-weighted", "update_norm_factor": 10.0, "weight_cap": 0.0,
     },
 }
 COUNTS = ("accepted", "rejected", "norm-clipped", "down-weighted")

@@ -31,6 +31,7 @@ COLUMNS = (
     "quantized-layer-fraction",
     "uplink-bytes",
     "uplink-float32-bytes",
+    "downlink-bytes",
     "compression",
     "mse-mean",
     "mse-max",
@@ -96,6 +97,7 @@ class RunReport:
             "final-loss": last.get("loss"),
             "total-uplink-bytes": up,
             "total-uplink-float32-bytes": ref,
+            "total-downlink-bytes": sum(r["downlink-bytes"] or 0 for r in self.rows),
             "compression-ratio": (ref / up) if up else None,
             "uplink-fraction-of-float32": (up / ref) if ref else None,
             "max-epsilon": max((r["epsilon-max"] or 0.0 for r in self.rows), default=0.0),
@@ -126,36 +128,44 @@ class RunReport:
         _atomic_write(self.out_dir / "rounds.csv", "\n".join(lines) + "\n")
 
     def plot(self) -> Path:
-        """accuracy and uplink bytes per round, as rounds.png."""
+        """Accuracy, epsilon and bytes in both directions per round, as rounds.png."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         rounds = [r["round"] for r in self.rows]
-        fig, (ax_acc, ax_bytes) = plt.subplots(1, 2, figsize=(10, 4))
-        evaluated = [(0, self.initial.get("accuracy"))] + [(r["round"], r["accuracy"]) for r in self.rows]
+        fig, (ax_acc, ax_eps, ax_bytes) = plt.subplots(1, 3, figsize=(15, 4))
+        evaluated = [(0, self.initial.get("accuracy"))] + [
+            (r["round"], r["accuracy"]) for r in self.rows
+        ]
         evaluated = [(x, y) for x, y in evaluated if y is not None]
         ax_acc.plot([x for x, _ in evaluated], [y for _, y in evaluated], marker="o")
-        ax_acc.xaxis.get_major_locator().set_params(integer=True)
-        ax_bytes.xaxis.get_major_locator().set_params(integer=True)
         ax_acc.set(xlabel="round", ylabel="test accuracy", title="Central test accuracy")
-        ax_acc.grid(alpha=0.3)
+        ax_eps.plot(rounds, [r["epsilon-max"] or 0.0 for r in self.rows], marker="o")
+        private = self.config.get("dp", True)
+        ax_eps.set(
+            xlabel="round", ylabel="epsilon (largest client)",
+            title="Privacy spent" if private else "Privacy spent (no DP: none promised)",
+        )
         kib = 1024.0
-        ax_bytes.plot(
-            rounds, [r["uplink-bytes"] / kib for r in self.rows], marker="o", label="sent (quantized)"
+        series = (
+            ("uplink-bytes", "uplink sent (quantized)", "o", "-"),
+            ("uplink-float32-bytes", "uplink as float32", "s", "--"),
+            ("downlink-bytes", "downlink sent (float32 model)", "^", "-"),
         )
-        ax_bytes.plot(
-            rounds,
-            [r["uplink-float32-bytes"] / kib for r in self.rows],
-            marker="s",
-            linestyle="--",
-            label="float32 equivalent",
-        )
-        ax_bytes.set(xlabel="round", ylabel="uplink KiB (all clients)", title="Uplink per round")
-        ax_bytes.set_yscale("log")
+        for key, label, marker, style in series:
+            ax_bytes.plot(
+                rounds, [(r[key] or 0) / kib for r in self.rows], marker=marker,
+                linestyle=style, label=label,
+            )
+        ax_bytes.set(xlabel="round", ylabel="KiB per round (all clients)", title="Traffic")
+        if any((r[key] or 0) > 0 for r in self.rows for key, *_ in series):
+            ax_bytes.set_yscale("log")  # nothing to scale when no reply was accepted
         ax_bytes.legend()
-        ax_bytes.grid(alpha=0.3)
+        for ax in (ax_acc, ax_eps, ax_bytes):
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.grid(alpha=0.3)
         bits = self.config.get("bits")
         fig.suptitle(f"fedquant: {bits}-bit updates, aggregator {self.config.get('aggregator')}")
         fig.tight_layout()

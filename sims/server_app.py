@@ -135,12 +135,14 @@ def run(grid: Grid, cfg: RunConfig, strategy: QuantizedStrategy) -> RunReport:
     plot = report.plot()
     s = report.summary()
     _progress(
-        "summary: final accuracy %.4f | max epsilon %.3f | mean speedup x%.2f | total uplink %s B"
+        "summary: final accuracy %.4f | max epsilon %.3f | mean speedup x%.2f | total downlink"
+        " %s B | total uplink %s B"
         " vs float32 %s B | compression x%.2f (%.4f of float32) | rejected %d, failed %d,"
         " missing %d, skipped rounds %d, discarded rounds %d | results in %s (plot %s)",
         s["final-accuracy"] or 0.0,
         s["max-epsilon"],
         s["mean-speedup"] or 1.0,
+        f"{s['total-downlink-bytes']:,}",
         f"{s['total-uplink-bytes']:,}",
         f"{s['total-uplink-float32-bytes']:,}",
         s["compression-ratio"] or 0.0,
@@ -175,12 +177,13 @@ def _progress_round(row: dict[str, object]) -> None:
     layers = row["quantized-layer-fraction"] or []
     accuracy = row["accuracy"]
     _progress(
-        "round %2d: accuracy %s | uplink %s B vs float32 %s B (x%.1f smaller)"
+        "round %2d: accuracy %s | downlink %s B | uplink %s B vs float32 %s B (x%.1f smaller)"
         " | mse mean %.2e | epsilon max %.3f (clients %s) | quantized layers %s"
         " | speedup x%.2f | accepted %d, rejected %d, failed %d, missing %d,"
         " budget-exhausted %d, norm-clipped %d, down-weighted %d%s",
         row["round"],
         "-" if accuracy is None else f"{accuracy:.4f}",
+        f"{row['downlink-bytes'] or 0:,}",
         f"{row['uplink-bytes'] or 0:,}",
         f"{row['uplink-float32-bytes'] or 0:,}",
         row["compression"] or 0.0,

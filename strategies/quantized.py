@@ -231,6 +231,7 @@ class QuantizedStrategy(Strategy):
         # Aggregate step norms of the last rounds applied, oldest first.
         self.recent_steps: list[float] = []
         self._global: ArrayRecord | None = None
+        self._downlink = 0  # bytes the last configure_train sent
 
     def summary(self) -> None:
         rule = "delegated to " + type(self.base).__name__ if self.rule is None else self.rule
@@ -244,6 +245,8 @@ class QuantizedStrategy(Strategy):
         self._global = arrays
         messages = list(self.base.configure_train(server_round, arrays, config, grid))
         self.sent_by_round[server_round] = len(messages)
+        # Every instruction carries the same float32 model and config.
+        self._downlink = sum(serialized_size(m.content) for m in messages[:1]) * len(messages)
         return messages
 
     def configure_evaluate(
@@ -629,6 +632,8 @@ class QuantizedStrategy(Strategy):
                 "quantized-layer-fraction": layer_fraction,
                 "num-examples": examples,
                 "uplink-bytes": sum(r.uplink_bytes for r in accepted),
+                # The instructions of this round: the float32 model to every client.
+                "downlink-bytes": self._downlink,
                 "uplink-float32-bytes": float32_bytes * len(accepted),
                 "mse-mean": float(np.mean(mses)) if mses else 0.0,
                 "mse-max": float(np.max(mses)) if mses else 0.0,
@@ -776,7 +781,7 @@ def strategy_from_config(cfg: RunConfig) -> QuantizedStrategy:
     """The strategy a run config asks for.
 
     ``aggregator`` is a rule (``error-weighted`` and ``fedavg``, their shares capped
-    at ``weight-cap`` / K; ``mean``; ``median``; ``trimmed-mean``, cutting
+    at ``weight-cap`` / K (0: no cap); ``mean``; ``median``; ``trimmed-mean``, cutting
     ``byzantine-clients`` from each end; or ``package.module:attr``), or
     ``flwr:<Name>`` to wrap the stock ``flwr.serverapp.strategy.<Name>`` (e.g.
     ``flwr:FedAdam``) with its defaults. ``min-replies``, ``update-norm-factor``,
@@ -812,10 +817,11 @@ def strategy_from_config(cfg: RunConfig) -> QuantizedStrategy:
                 raise ValueError(f"flwr.serverapp.strategy has no FedAvg-family strategy {name!r}")
             return QuantizedStrategy(base=stock(**sampling), rule=None, **replies)
         rule: AggregationRule | str = cfg.aggregator
+        cap = cfg.weight_cap or math.inf  # 0: no cap
         if cfg.aggregator == "error-weighted":
-            rule = ErrorWeighted(floor=cfg.mse_floor, cap=cfg.weight_cap)
+            rule = ErrorWeighted(floor=cfg.mse_floor, cap=cap)
         elif cfg.aggregator == "fedavg":
-            rule = SampleWeighted(cap=cfg.weight_cap)
+            rule = SampleWeighted(cap=cap)
         elif cfg.aggregator == "trimmed-mean":
             rule = TrimmedMean(byzantine=cfg.byzantine_clients)
         return QuantizedStrategy(base=FedAvg(**sampling), rule=rule, **replies)

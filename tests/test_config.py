@@ -34,7 +34,7 @@ def test_parses_flower_values() -> None:
         ("num-server-rounds", 0), ("local-epochs", 2.5), ("batch-size", -1),
         ("momentum", 1.0), ("out-dir", ""), ("model", "resnet9000"),
         ("min-replies", 0), ("min-replies", 11), ("update-norm-factor", 0.5),
-        ("update-norm-factor", -1.0), ("byzantine-clients", -1), ("weight-cap", 0.5),
+        ("update-norm-factor", -1.0), ("byzantine-clients", -1), ("weight-cap", 0.5), ("weight-cap", float("inf")),
         ("round-norm-factor", 0.5),
         ("max-num-examples", 1), ("resume", "yes"),
         ("client-state-dir", 3), ("accountant", "gdp"), ("accountant", 1),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -412,6 +413,8 @@ def test_strategy_from_config_passes_the_robustness_keys() -> None:
     assert stock.limits.max_epsilon == 8.0
     capped = strategy_from_config(RunConfig(aggregator="fedavg", weight_cap=3.0)).rule
     assert capped == SampleWeighted(cap=3.0)
+    uncapped = strategy_from_config(RunConfig(aggregator="error-weighted", weight_cap=0.0)).rule
+    assert uncapped == ErrorWeighted(cap=math.inf)
     assert strategy_from_config(RunConfig(aggregator="median")).rule is not None
 
 
