@@ -331,16 +331,19 @@ class QuantizedStrategy(Strategy):
                 "fewer than the %d Byzantine clients it is configured for",
                 server_round, len(accepted), rule.cut(len(accepted)), rule.byzantine,
             )
+        # A discarded round must not leave its trace in a stateful base's moments.
+        optimizer_state = self.state()["base"]
         try:
             arrays = self._aggregate(server_round, accepted, global_arrays, metrics)
         except ValueError as err:  # a non-finite aggregate
-            return self._discard(server_round, metrics, str(err))
+            return self._discard(server_round, metrics, str(err), optimizer_state)
         if arrays is None:
             return None, metrics
         step = update_norm({k: arrays[k].numpy().astype(np.float64) - global_arrays[k]
                             for k in global_arrays})
         if not math.isfinite(step):
-            return self._discard(server_round, metrics, "its aggregate is not finite")
+            reason = "its aggregate is not finite"
+            return self._discard(server_round, metrics, reason, optimizer_state)
         if self.round_norm_factor and self.recent_steps:
             typical = statistics.median(self.recent_steps)
             if step > self.round_norm_factor * typical:
@@ -348,7 +351,7 @@ class QuantizedStrategy(Strategy):
                     f"its aggregate step norm {step:.6g} exceeds {self.round_norm_factor:g} x"
                     f" the median {typical:.6g} of the last {len(self.recent_steps)} rounds"
                 )
-                return self._discard(server_round, metrics, reason)
+                return self._discard(server_round, metrics, reason, optimizer_state)
         self.recent_steps = [*self.recent_steps, step][-RECENT_ROUNDS:]
         metrics["step-norm"] = step
         return arrays, metrics
@@ -377,9 +380,16 @@ class QuantizedStrategy(Strategy):
         return arrays
 
     def _discard(
-        self, server_round: int, metrics: MetricRecord, reason: str
+        self,
+        server_round: int,
+        metrics: MetricRecord,
+        reason: str,
+        optimizer_state: Mapping[str, Any],
     ) -> tuple[None, MetricRecord]:
-        """Leave the model as it was: the round's aggregate is not applied."""
+        """Leave the model, and a stateful base's optimizer state, as they were: the
+        round's aggregate is not applied."""
+        for name, value in optimizer_state.items():
+            setattr(self.base, name, _decode_arrays(value))
         log(
             WARNING,
             "Round %d: discarded, the global model is unchanged: %s",

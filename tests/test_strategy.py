@@ -482,3 +482,45 @@ def test_load_state_rejects_another_base_strategys_moments() -> None:
     state = json.loads(json.dumps(strategy.state()))
     with pytest.raises(ValueError, match="m_t"):
         QuantizedStrategy(base=FedAvg(), rule="mean").load_state(state)
+
+
+# ------------------------------------------------------------------ recovery
+
+
+def test_an_absurd_round_is_discarded_with_the_optimizer_state_it_would_have_changed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """FedAvgM (server momentum 0.9) aggregates round 1; in round 2 every reply is 10^4 x
+    larger (norm bound off): the step exceeds 10 x round 1's, so the model stays and so
+    does the momentum; round 3, honest again, is applied from the unchanged state.
+    (FedAdam normalises its step per coordinate, so scaled replies do not make its
+    step absurd.)"""
+    arrays = global_arrays()
+    base = FedAvgM(server_momentum=0.9)
+    strategy = QuantizedStrategy(base=base, rule=None, update_norm_factor=0.0)
+    strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid(3))
+    first, metrics = strategy.aggregate_train(1, [reply(i, update(i)) for i in range(3)])
+    assert first is not None and metrics["discarded"] == 0 and metrics["step-norm"] > 0
+    before = json.dumps(strategy.state())
+    strategy.configure_train(2, first, ConfigRecord(), FakeGrid(3))
+    huge = [reply(i, update(i + 10, scale=100.0), server_round=2) for i in range(3)]
+    with caplog.at_level(logging.WARNING):
+        new, metrics = strategy.aggregate_train(2, huge)
+    assert new is None and metrics["discarded"] == 1 and metrics["step-norm"] == 0.0
+    state = json.loads(json.dumps(strategy.state()))
+    assert state["base"] == json.loads(before)["base"]  # the momentum is untouched
+    assert state["base"]["momentum_vector"] is not None
+    assert any("Round 2: discarded" in r.getMessage() for r in caplog.records)
+    strategy.configure_train(3, first, ConfigRecord(), FakeGrid(3))
+    honest = [reply(i, update(i + 20), server_round=3) for i in range(3)]
+    third, metrics = strategy.aggregate_train(3, honest)
+    assert third is not None and metrics["discarded"] == 0 and metrics["accepted"] == 3
+
+
+def test_a_non_finite_aggregate_is_discarded() -> None:
+    def overflow(values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray) -> np.ndarray:
+        return np.full(values.shape[1:], np.inf)
+
+    strategy = started(QuantizedStrategy(rule=overflow), global_arrays())
+    new, metrics = strategy.aggregate_train(1, [reply(i, update(i)) for i in range(3)])
+    assert new is None and metrics["discarded"] == 1 and metrics["accepted"] == 3
