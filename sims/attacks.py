@@ -20,11 +20,20 @@ import torch
 from flwr.app import Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedquant.payload import CODES_KEY, META_KEY, META_SEP, decode_update, encode_update
+from fedquant.payload import (
+    CODES_KEY,
+    META_KEY,
+    META_SEP,
+    PayloadError,
+    decode_update,
+    encode_update,
+)
 from fedquant.quantize import ClipRule, Rounding
 from sims.inprocess import InProcessGrid
 
 METRICS_KEY = "metrics"
+# An edit of a reply's records by the node that sends it.
+Edit = Callable[[RecordDict, int], RecordDict]
 
 
 @dataclass(frozen=True)
@@ -33,7 +42,7 @@ class Attack:
     (``rounds``; empty: every round)."""
 
     name: str
-    edit: Callable[[RecordDict, int], RecordDict]
+    edit: Edit
     rounds: Collection[int] = ()
 
 
@@ -46,7 +55,7 @@ def zero_mse(content: RecordDict, node: int) -> RecordDict:
     return content
 
 
-def scaled(factor: float) -> Callable[[RecordDict, int], RecordDict]:
+def scaled(factor: float) -> Edit:
     """Multiply the update by ``factor`` (negative: sign-flipped) and re-encode it as
     valid codes at the same bits, reporting the honest MSE of the re-encoding.
 
@@ -76,7 +85,7 @@ def scaled(factor: float) -> Callable[[RecordDict, int], RecordDict]:
     return edit
 
 
-def metrics(**values: Any) -> Callable[[RecordDict, int], RecordDict]:
+def metrics(**values: Any) -> Edit:
     """Set reply metrics (kebab-case keys are given with underscores)."""
 
     def edit(content: RecordDict, node: int) -> RecordDict:
@@ -88,10 +97,23 @@ def metrics(**values: Any) -> Callable[[RecordDict, int], RecordDict]:
     return edit
 
 
+def chained(*edits: Edit) -> Edit:
+    """The edits applied in order."""
+
+    def edit(content: RecordDict, node: int) -> RecordDict:
+        for one in edits:
+            content = one(content, node)
+        return content
+
+    return edit
+
+
 ATTACKS: dict[str, Callable[..., Attack]] = {
     "mse-zero": lambda: Attack("mse-zero", zero_mse),
     "flip-x9": lambda: Attack("flip-x9", scaled(-9.0)),
     "scale-x100": lambda: Attack("scale-x100", scaled(100.0)),
+    # Error weighting's worst case: a flipped update that claims to be exact.
+    "flip-x9+mse-zero": lambda: Attack("flip-x9+mse-zero", chained(scaled(-9.0), zero_mse)),
 }
 """Attacks by name (``sims.bench_robust``); each call builds a fresh one."""
 
@@ -116,12 +138,15 @@ class HostileGrid(InProcessGrid):
         for msg in messages:
             node = msg.metadata.dst_node_id
             (msg_id,) = super().push_messages([msg])
+            ids.append(msg_id)
             attack = self.attacks.get(node)
             reply = self._replies[msg_id]
             if attack is not None and not reply.has_error() and CODES_KEY in reply.content:
                 server_round = int(reply.content[METRICS_KEY]["server-round"])
                 if not attack.rounds or server_round in attack.rounds:
-                    content = attack.edit(copy.deepcopy(reply.content), node)
+                    try:
+                        content = attack.edit(copy.deepcopy(reply.content), node)
+                    except PayloadError:  # its own update no longer decodes: send it as is
+                        continue
                     self._replies[msg_id] = Message(content=content, reply_to=msg)
-            ids.append(msg_id)
         return ids
