@@ -130,6 +130,9 @@ def simulation_superlink(
     )
     env = flower_env(flwr_home)
     env.pop("RAY_ADDRESS", None)
+    # Ray's coming default (leave CUDA_VISIBLE_DEVICES alone for num_gpus=0 actors); set
+    # now, it also keeps Ray's FutureWarning about the change out of the run's log.
+    env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if ray_address is not None:
         env["RAY_ADDRESS"] = check_ray_address(ray_address)
     log_file = workdir / "superlink.log"

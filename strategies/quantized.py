@@ -44,6 +44,7 @@ Round metrics (returned by ``aggregate_train``) include ``accepted``, ``rejected
 from __future__ import annotations
 
 import base64
+import logging
 import math
 import statistics
 from collections.abc import Iterable, Mapping
@@ -218,7 +219,7 @@ class QuantizedStrategy(Strategy):
                 raise ValueError(
                     f"`{name}` must be 0 (off) or finite and >= 1. Found `{factor!r}`."
                 )
-        self.base = base if base is not None else FedAvg(fraction_evaluate=0.0)
+        self.base = base if base is not None else central_evaluation(FedAvg)
         self.rule = resolve_rule(rule) if rule is not None else None
         self.payload = payload
         self.max_clip = max_clip
@@ -785,6 +786,32 @@ def _as_float_reply(reply: ClientReply, global_arrays: Mapping[str, np.ndarray])
 
 
 STOCK_PREFIX = "flwr:"
+_NO_FEDERATED_EVALUATION = "fraction_evaluate is set to 0.0"
+
+
+class _Without(logging.Filter):
+    """Drops log records whose message contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def central_evaluation(strategy: type[FedAvg], **kwargs: Any) -> FedAvg:
+    """``strategy(fraction_evaluate=0.0, **kwargs)``: evaluation is central, on the
+    server's test split. Flower warns at construction that federated evaluation will be
+    skipped; that is this design, not something a user can act on, so the warning is
+    dropped here (only that record, only while the strategy is built)."""
+    flwr_logger = logging.getLogger("flwr")
+    quiet = _Without(_NO_FEDERATED_EVALUATION)
+    flwr_logger.addFilter(quiet)
+    try:
+        return strategy(fraction_evaluate=0.0, **kwargs)
+    finally:
+        flwr_logger.removeFilter(quiet)
 
 
 def strategy_from_config(cfg: RunConfig) -> QuantizedStrategy:
@@ -801,7 +828,6 @@ def strategy_from_config(cfg: RunConfig) -> QuantizedStrategy:
     """
     sampling = {
         "fraction_train": cfg.fraction_train,
-        "fraction_evaluate": 0.0,  # evaluation is central, on the server's test split
         "min_train_nodes": cfg.min_train_nodes,
         # The server loop waits (up to round-timeout) for every node; after that, a
         # dead one must not block sampling forever.
@@ -825,7 +851,9 @@ def strategy_from_config(cfg: RunConfig) -> QuantizedStrategy:
             stock = getattr(flwr_strategies, name, None)
             if not (isinstance(stock, type) and issubclass(stock, FedAvg)):
                 raise ValueError(f"flwr.serverapp.strategy has no FedAvg-family strategy {name!r}")
-            return QuantizedStrategy(base=stock(**sampling), rule=None, **replies)
+            return QuantizedStrategy(
+                base=central_evaluation(stock, **sampling), rule=None, **replies
+            )
         rule: AggregationRule | str = cfg.aggregator
         cap = cfg.weight_cap or math.inf  # 0: no cap
         if cfg.aggregator == "error-weighted":
@@ -834,6 +862,8 @@ def strategy_from_config(cfg: RunConfig) -> QuantizedStrategy:
             rule = SampleWeighted(cap=cap)
         elif cfg.aggregator == "trimmed-mean":
             rule = TrimmedMean(byzantine=cfg.byzantine_clients)
-        return QuantizedStrategy(base=FedAvg(**sampling), rule=rule, **replies)
+        return QuantizedStrategy(
+            base=central_evaluation(FedAvg, **sampling), rule=rule, **replies
+        )
     except ValueError as err:
         raise ConfigError("aggregator", cfg.aggregator, str(err)) from err
