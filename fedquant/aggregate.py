@@ -22,7 +22,9 @@ __all__ = [
     "DEFAULT_WEIGHT_CAP",
     "RULES",
     "AggregationRule",
+    "CoordinateMedian",
     "ErrorWeighted",
+    "OrderStatistic",
     "SampleWeighted",
     "TrimmedMean",
     "WeightedRule",
@@ -226,9 +228,14 @@ def plain_mean(values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray)
     return _weighted_sum(values, np.full(k, 1.0 / k))
 
 
-def coordinate_median(
-    values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray
-) -> np.ndarray:
+class OrderStatistic:
+    """Marks a rule built on per-coordinate order statistics (median, trimmed mean):
+    it drops extreme values itself, so the strategy does not norm-clip updates
+    before it (a hostile update scaled down to the median norm would sit inside the
+    honest values' range, where the rule keeps it). Subclass it for such a rule."""
+
+
+class CoordinateMedian(OrderStatistic):
     """Coordinate-wise median ``w[j] = median_i w_i[j]`` (Yin et al. 2018,
     "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates",
     Definition 1). With even K it is the mean of the two middle values.
@@ -236,13 +243,20 @@ def coordinate_median(
     Robust while fewer than half of the clients are hostile, at the price of
     ignoring ``mse`` and ``num_examples``: every client counts as one vote.
     """
-    values = np.asarray(values)
-    _check_stack(values)
-    return np.median(values.astype(np.float64, copy=False), axis=0).astype(np.float32)
+
+    def __call__(
+        self, values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray
+    ) -> np.ndarray:
+        values = np.asarray(values)
+        _check_stack(values)
+        return np.median(values.astype(np.float64, copy=False), axis=0).astype(np.float32)
+
+
+coordinate_median = CoordinateMedian()
 
 
 @dataclass(frozen=True)
-class TrimmedMean:
+class TrimmedMean(OrderStatistic):
     """Coordinate-wise trimmed mean (Yin et al. 2018, "Byzantine-Robust Distributed
     Learning: Towards Optimal Statistical Rates", Definition 2).
 

@@ -30,8 +30,8 @@ from fedquant.payload import (
 )
 from fedquant.quantize import ClipRule, Rounding
 from sims.inprocess import InProcessGrid
+from strategies.quantized import METRICS_KEY
 
-METRICS_KEY = "metrics"
 # An edit of a reply's records by the node that sends it.
 Edit = Callable[[RecordDict, int], RecordDict]
 

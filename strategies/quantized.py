@@ -44,11 +44,12 @@ Round metrics (returned by ``aggregate_train``) include ``accepted``, ``rejected
 from __future__ import annotations
 
 import base64
+import copy
 import logging
 import math
 import statistics
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from logging import INFO, WARNING
 from typing import Any
 
@@ -74,8 +75,8 @@ from fedquant.aggregate import (
     TrimmedMean,
     WeightedRule,
     aggregate_tensors,
+    OrderStatistic,
     cap_shares,
-    coordinate_median,
     norm_clip_scales,
     resolve_rule,
     update_norm,
@@ -247,7 +248,7 @@ class QuantizedStrategy(Strategy):
         messages = list(self.base.configure_train(server_round, arrays, config, grid))
         self.sent_by_round[server_round] = len(messages)
         # Every instruction carries the same float32 model and config.
-        self._downlink = sum(serialized_size(m.content) for m in messages[:1]) * len(messages)
+        self._downlink = serialized_size(messages[0].content) * len(messages) if messages else 0
         return messages
 
     def configure_evaluate(
@@ -332,8 +333,12 @@ class QuantizedStrategy(Strategy):
                 "fewer than the %d Byzantine clients it is configured for",
                 server_round, len(accepted), rule.cut(len(accepted)), rule.byzantine,
             )
-        # A discarded round must not leave its trace in a stateful base's moments.
-        optimizer_state = self.state()["base"]
+        # A discarded round must not leave its trace in a stateful base's moments
+        # (only a base that aggregates, rule None, changes them).
+        optimizer_state = {} if self.rule is not None else {
+            name: copy.deepcopy(getattr(self.base, name))
+            for name in BASE_STATE_ATTRS if hasattr(self.base, name)
+        }
         try:
             arrays = self._aggregate(server_round, accepted, global_arrays, metrics)
         except ValueError as err:  # a non-finite aggregate
@@ -390,7 +395,7 @@ class QuantizedStrategy(Strategy):
         """Leave the model, and a stateful base's optimizer state, as they were: the
         round's aggregate is not applied."""
         for name, value in optimizer_state.items():
-            setattr(self.base, name, _decode_arrays(value))
+            setattr(self.base, name, value)
         log(
             WARNING,
             "Round %d: discarded, the global model is unchanged: %s",
@@ -403,14 +408,9 @@ class QuantizedStrategy(Strategy):
     def _bound_norms(
         self, server_round: int, accepted: list[ClientReply]
     ) -> tuple[list[ClientReply], int]:
-        """Scale each update above the round's norm bound down to it; count and log them.
-
-        Not for the order-statistic rules (median, trimmed mean): they drop extreme
-        values themselves, and a hostile update scaled down to the median norm would
-        sit inside the honest values' range, where they no longer drop it.
-        """
-        order_statistic = self.rule is coordinate_median or isinstance(self.rule, TrimmedMean)
-        if not (self.update_norm_factor and accepted) or order_statistic:
+        """Scale each update above the round's norm bound down to it; count and log
+        them. Not before an ``OrderStatistic`` rule, which drops outliers itself."""
+        if not (self.update_norm_factor and accepted) or isinstance(self.rule, OrderStatistic):
             return accepted, 0
         norms = [update_norm(r.update) for r in accepted]
         scales, bound = norm_clip_scales(norms, factor=self.update_norm_factor)
@@ -655,10 +655,10 @@ class QuantizedStrategy(Strategy):
     def state(self) -> dict[str, Any]:
         """This strategy's state for a server checkpoint, as JSON-serializable data.
 
-        ``epsilon_by_node`` and ``sent_by_round`` (keys as str,
-        since JSON objects have str keys), ``recent_steps``, and under ``base`` the server-optimizer
-        state of a stateful stock ``base`` (the attributes in ``BASE_STATE_ATTRS`` it
-        has: ``m_t``/``v_t`` of FedAdam, FedYogi, FedAdagrad; ``momentum_vector`` of
+        ``epsilon_by_node`` and ``sent_by_round`` (keys as str, since JSON objects
+        have str keys), ``recent_steps``, and under ``base`` the server-optimizer state
+        of a stateful stock ``base`` (the attributes in ``BASE_STATE_ATTRS`` it has:
+        ``m_t``/``v_t`` of FedAdam, FedYogi, FedAdagrad; ``momentum_vector`` of
         FedAvgM). Each array is ``{"dtype", "shape", "data"}`` with ``data`` its
         C-order bytes in base64, so it comes back bit for bit with its dtype (a float
         list would lose float32 vs float64). The global model is not included: the
