@@ -20,7 +20,7 @@ $(STAMP): requirements.lock pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(PY) -m sims.run $(if $(RUN_CONFIG),--run-config "$(RUN_CONFIG)")
+	$(PY) -m sims.launch.run $(if $(RUN_CONFIG),--run-config "$(RUN_CONFIG)")
 
 # The default suite; the slow end-to-end deployments and Ray cluster run in test-slow.
 test: install
@@ -30,13 +30,13 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 bench: install
-	$(PY) -m sims.bench
+	$(PY) -m sims.bench.sweep
 
 bench-private: install
-	$(PY) -m sims.bench_private
+	$(PY) -m sims.bench.private
 
 bench-overhead: install
-	$(PY) -m sims.bench_overhead
+	$(PY) -m sims.bench.overhead
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .hypothesis
@@ -46,10 +46,10 @@ clean:
 SUPERNODES ?= 2
 .PHONY: deploy-demo certs
 deploy-demo: install
-	$(PY) -m sims.deploy --supernodes $(SUPERNODES) $(if $(SECURE),--secure) $(if $(RUN_CONFIG),--run-config "$(RUN_CONFIG)")
+	$(PY) -m sims.launch.deploy --supernodes $(SUPERNODES) $(if $(SECURE),--secure) $(if $(RUN_CONFIG),--run-config "$(RUN_CONFIG)")
 
 # A CA and a server certificate for CERT_HOSTS (the SANs), for a real deployment.
 CERT_HOSTS ?= 127.0.0.1 localhost
 CERTS_DIR ?= outputs/certs
 certs: install
-	$(PY) -m sims.certs --out $(CERTS_DIR) $(foreach h,$(CERT_HOSTS),--host $(h))
+	$(PY) -m sims.launch.certs --out $(CERTS_DIR) $(foreach h,$(CERT_HOSTS),--host $(h))

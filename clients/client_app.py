@@ -41,7 +41,7 @@ from fedquant.fakequant import quantizable_layers
 from fedquant.models import build_model
 from fedquant.node_state import RECORDS, NodeState, NodeStateStore, PrivacyRecord
 from fedquant.payload import encode_update
-from fedquant.private import (
+from fedquant.training import (
     DPSettings,
     QuantSettings,
     calibrate_client_noise,

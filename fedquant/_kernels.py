@@ -1,4 +1,4 @@
-"""Numba kernels behind ``fedquant.quantize`` and ``fedquant.packing`` (private).
+"""Numba kernels behind ``fedquant.codec`` and ``fedquant.packing`` (private).
 
 Each kernel is one pass over its input, compiled on first use for the dtypes it meets
 and cached on disk (``cache=True``), with ``nogil=True`` so that callers can split large

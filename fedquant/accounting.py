@@ -37,6 +37,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+# isort: off
+import fedquant._opacus  # noqa: F401  (before Opacus: drops its root log handler)
+# isort: on
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from threadpoolctl import threadpool_limits

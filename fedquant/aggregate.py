@@ -153,7 +153,7 @@ class ErrorWeighted:
     floor guards a perfectly quantized (or unquantized, mse 0) tensor from a division
     by zero. Caveat: ``mse_i`` is what the client reports. The strategy raises it to
     the rounding error the server can compute from the declared clip and bits
-    (``fedquant.quantize.rounding_error_floor``) before it gets here, and the cap
+    (``fedquant.codec.rounding_error_floor``) before it gets here, and the cap
     bounds what is left of an under-report: a reply gains at most ``cap`` times the
     equal share, however small the error it claims.
     """

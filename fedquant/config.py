@@ -8,19 +8,19 @@ raises :class:`ConfigError` naming the key and the value, before any client star
 from __future__ import annotations
 
 import dataclasses
-import math
 import enum
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from fedquant import dpquant
 from fedquant.accounting import Accountant
+from fedquant.codec import ClipRule, Rounding
 from fedquant.data import Partitioning
 from fedquant.dpquant import QuantPolicy
 from fedquant.fakequant import ActScale, QuantFormat
 from fedquant.models import ModelName
-from fedquant.quantize import ClipRule, Rounding
 
 UNQUANTIZED_BITS = 32
 

@@ -48,6 +48,10 @@ from typing import Any
 
 import numpy as np
 import torch
+
+# isort: off
+import fedquant._opacus  # noqa: F401  (before Opacus: drops its root log handler)
+# isort: on
 from opacus.optimizers.optimizer import _generate_noise
 from torch import nn
 
@@ -447,7 +451,7 @@ def estimate_sensitivity(
         scale = torch.where(norm > clip, clip / norm.clamp_min(torch.finfo(r.dtype).tiny), 1.0)
         total = (r * scale).sum(dim=0)  # (n,)
     # Opacus' secure-mode sampler (robust to floating-point attacks; see
-    # fedquant.private.private_engine), as for the training noise.
+    # fedquant.training.private_engine), as for the training noise.
     noise = _generate_noise(
         std=float(noise_multiplier) * float(clip),
         reference=torch.zeros(n_layers, dtype=torch.float64, device=device),

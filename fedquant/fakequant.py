@@ -35,6 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+# isort: off
+import fedquant._opacus  # noqa: F401  (before Opacus: drops its root log handler)
+# isort: on
 from opacus.grad_sample import register_grad_sampler
 from opacus.utils.tensor_utils import unfold2d
 from torch import nn

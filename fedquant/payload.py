@@ -38,8 +38,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
+from fedquant.codec import ClipRule, Rounding, dequantize, quantize
 from fedquant.packing import pack_codes, packed_size, unpack_codes
-from fedquant.quantize import ClipRule, Rounding, dequantize, quantize
 
 __all__ = [
     "CODES_KEY",
@@ -148,7 +148,7 @@ def encode_update(
     """Quantize each tensor of ``update`` and pack it into a reply ``RecordDict``.
 
     With ``bits`` in 1..8 every tensor goes through
-    ``fedquant.quantize.quantize(t, bits=bits, clip=clip, rounding=rounding,
+    ``fedquant.codec.quantize(t, bits=bits, clip=clip, rounding=rounding,
     generator=generator)`` (paper B: clip to ``[-s, s]``, ``c = floor(n*y + u)``
     or ``round(n*y)``) and its codes are bit-packed. With ``bits == 32`` each tensor
     is sent as float32 (clip 0, mse 0). Stochastic rounding needs ``generator``

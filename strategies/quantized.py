@@ -22,7 +22,7 @@ unbounded influence:
 - its metrics must lie within what the run allows (:class:`ReplyLimits`: an epsilon
   only under DP and within the budget, example counts below a cap, ...);
 - its reported MSE is raised to the rounding error the server computes from the
-  declared clip and bits (``fedquant.quantize.rounding_error_floor``), and the
+  declared clip and bits (``fedquant.codec.rounding_error_floor``), and the
   weighted rules cap any reply's share at ``cap / K`` (``fedquant.aggregate``);
   a reply left with less than half the weight its claims asked for is logged and
   counted as ``down-weighted``;
@@ -92,7 +92,7 @@ from fedquant.payload import (
     decode_update,
     serialized_size,
 )
-from fedquant.quantize import rounding_error_floor
+from fedquant.codec import rounding_error_floor
 
 METRICS_KEY = "metrics"
 ARRAYS_KEY = "arrays"
@@ -731,7 +731,7 @@ def _decode_arrays(
 
 def _checked_mse(tensor: DecodedTensor) -> float:
     """The reported MSE, raised to the rounding error of the declared grid
-    (``fedquant.quantize.rounding_error_floor``); unquantized tensors keep 0."""
+    (``fedquant.codec.rounding_error_floor``); unquantized tensors keep 0."""
     if tensor.bits == FLOAT_BITS:
         return tensor.mse
     return max(tensor.mse, rounding_error_floor(bits=tensor.bits, clip=tensor.clip))

@@ -1,6 +1,6 @@
 """The private-training benchmark: its grid, its statistics and its verdicts.
 
-The sweep itself runs for ~90 minutes (``python -m sims.bench_private``); here its
+The sweep itself runs for ~90 minutes (``python -m sims.bench.private``); here its
 pieces are checked on small inputs, and the estimator's share of ε against the
 accountant directly.
 """
@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 
 from fedquant.accounting import Accountant, MechanismStep, PrivacyLedger
-from sims.bench_private import (
+from sims.bench.private import (
     FINDING_CHOICES,
     POLICIES,
     PolicyRow,
@@ -141,7 +141,7 @@ def test_estimator_share_matches_the_ledger() -> None:
     the accountant with the same plan (10 clients of 5,000, batch 128, 4 x 5 steps)."""
     from clients.client_app import dp_settings, quant_settings
     from fedquant.config import RunConfig
-    from fedquant.private import calibrate_client_noise, round_plan
+    from fedquant.training import calibrate_client_noise, round_plan
 
     overrides = {"dp": True, "target-epsilon": 8.0, "quant-policy": "dpquant",
                  "num-server-rounds": 4, "local-steps": 5, "batch-size": 128}
@@ -169,8 +169,8 @@ def test_estimator_diagnostic_on_a_saved_model(tmp_path) -> None:
     """Noise sd is σ_a C_a / (q_a |D|) = 3 / (0.05 · 5000) = 0.012 for 10 clients; the best
     subset is never worse than DPQuant or uniform selection."""
     from fedquant.models import ModelName, build_model
-    from sims.bench_private import estimator_diagnostic
-    from sims.checkpoint import Checkpoint, save_checkpoint
+    from sims.bench.private import estimator_diagnostic
+    from sims.app.checkpoint import Checkpoint, save_checkpoint
 
     model = build_model(ModelName.CNN, seed=3)
     arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}

@@ -13,15 +13,15 @@ from flwr.app import Message
 
 from clients.client_app import app as client_app
 from fedquant.config import ConfigError, RunConfig
-from sims.checkpoint import (
+from sims.app.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
     check_same_experiment,
     load_checkpoint,
     save_checkpoint,
 )
-from sims.inprocess import InProcessGrid
-from sims.server_app import run
+from sims.launch.inprocess import InProcessGrid
+from sims.app.server_app import run
 from strategies.quantized import strategy_from_config
 
 

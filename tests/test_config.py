@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fedquant.config import ConfigError, PayloadMode, RunConfig
-from fedquant.quantize import ClipRule, Rounding
-from sims.run import default_run_config
+from fedquant.codec import ClipRule, Rounding
+from sims.launch.run import default_run_config
 
 
 def test_pyproject_defaults_match_runconfig_defaults() -> None:

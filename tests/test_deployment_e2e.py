@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedquant.config import ConfigError
-from sims.certs import subject_alt_names, write_supernode_keys, write_tls_files
-from sims.deploy import (
+from sims.launch.certs import subject_alt_names, write_supernode_keys, write_tls_files
+from sims.launch.deploy import (
     Deployment,
     ProcessSet,
     SuperNode,
@@ -38,7 +38,7 @@ from sims.deploy import (
     start_supernode,
     submit_and_follow,
 )
-from sims.run import APP_DIR
+from sims.launch.run import APP_DIR
 
 # 2 rounds of plain local SGD with 4-bit updates: the fastest run that shows learning.
 RUN_CONFIG = 'num-server-rounds=2 bits=4 local-steps=20 dp=false quant-policy="none"'
@@ -219,7 +219,7 @@ def test_deploy_overrides_name_the_bad_key(overrides: list[str], supernodes: int
 def test_deploy_rejects_bad_config_before_starting(tmp_path: Path) -> None:
     workdir = tmp_path / "deploy"
     proc = subprocess.run(
-        [sys.executable, "-m", "sims.deploy", "--workdir", str(workdir), "--run-config", "bits=9"],
+        [sys.executable, "-m", "sims.launch.deploy", "--workdir", str(workdir), "--run-config", "bits=9"],
         cwd=APP_DIR,
         capture_output=True,
         text=True,

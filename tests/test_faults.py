@@ -15,9 +15,9 @@ from clients.client_app import app as client_app
 from fedquant.config import RunConfig
 from fedquant.dpquant import QuantPolicy
 from fedquant.models import build_model
-from sims.checkpoint import load_checkpoint
-from sims.inprocess import InProcessGrid
-from sims.server_app import run
+from sims.app.checkpoint import load_checkpoint
+from sims.launch.inprocess import InProcessGrid
+from sims.app.server_app import run
 from strategies.quantized import strategy_from_config
 
 CRASHES, SILENT, DEAD = 3, 2, 4  # node ids

@@ -25,7 +25,7 @@ from fedquant.payload import (
     encode_update,
     serialized_size,
 )
-from fedquant.quantize import ClipRule, Rounding, dequantize, quantize
+from fedquant.codec import ClipRule, Rounding, dequantize, quantize
 
 SEED = 1234
 SHAPES: dict[str, tuple[int, ...]] = {

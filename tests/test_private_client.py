@@ -17,7 +17,7 @@ from fedquant.config import RunConfig
 from fedquant.models import build_model
 from fedquant.node_state import PRIVACY_RECORD, SCHEDULER_RECORD
 from fedquant.payload import REPLY_METRICS
-from fedquant.private import private_engine, round_plan
+from fedquant.training import private_engine, round_plan
 from strategies.quantized import strategy_from_config
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from sims.procs import free_port
-from sims.run import run_simulation
+from sims.launch.procs import free_port
+from sims.launch.run import run_simulation
 
 pytestmark = pytest.mark.slow  # ~2 min on 2 cores: `make test-slow` (CI runs it)
 

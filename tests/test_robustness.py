@@ -2,7 +2,7 @@
 steer the model (issue: robust weighting, norm bounds and recovery by default).
 
 10 clients, 5 rounds, 4-bit uploads, no DP, the real ServerApp loop, strategy and
-ClientApp in-process (``sims.attacks.HostileGrid``), each attack against an
+ClientApp in-process (``sims.bench.attacks.HostileGrid``), each attack against an
 all-honest control on the same seed. The attacks that collapsed the model before
 these defences existed: a reply claiming MSE 0 took all the error weight, one
 sign-flipped x9 update ended the run at 11.8%, a claimed 10^9 examples owned FedAvg.
@@ -20,9 +20,9 @@ import pytest
 from clients.client_app import app as client_app
 from fedquant.config import ConfigError, RunConfig
 from fedquant.dpquant import QuantPolicy
-from sims.attacks import ATTACKS, Attack, HostileGrid, metrics, scaled
-from sims.report import RunReport
-from sims.server_app import run
+from sims.bench.attacks import ATTACKS, Attack, HostileGrid, metrics, scaled
+from sims.app.report import RunReport
+from sims.app.server_app import run
 from strategies.quantized import strategy_from_config
 
 CLIENTS, ROUNDS = 10, 5

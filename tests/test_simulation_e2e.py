@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sims.run import APP_DIR, run_simulation
+from sims.launch.run import APP_DIR, run_simulation
 
 
 def test_quantized_fedavg_simulation_with_ray(tmp_path: Path) -> None:
@@ -73,7 +73,7 @@ def test_private_dpquant_simulation_with_ray(tmp_path: Path) -> None:
 )
 def test_launcher_rejects_bad_config_before_starting(override: str, key: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "sims.run", "--run-config", override],
+        [sys.executable, "-m", "sims.launch.run", "--run-config", override],
         cwd=APP_DIR,
         capture_output=True,
         text=True,

@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYog
 from fedquant.aggregate import ErrorWeighted, SampleWeighted, TrimmedMean, update_norm
 from fedquant.config import ConfigError, PayloadMode, RunConfig
 from fedquant.payload import CODES_KEY, META_KEY, decode_update, encode_update, serialized_size
-from fedquant.quantize import ClipRule, Rounding
+from fedquant.codec import ClipRule, Rounding
 from strategies.quantized import QuantizedStrategy, ReplyLimits, strategy_from_config
 
 SHAPES = {"conv.weight": (4, 1, 3, 3), "conv.bias": (4,), "fc.weight": (10, 36), "fc.bias": (10,)}

@@ -1,7 +1,7 @@
 """Benchmark: per-round overhead of fedquant's codec and strategy over stock float32 FedAvg.
 
-    python -m sims.bench_overhead             # 10 clients, 5 rounds x 3 repeats (see --help)
-    python -m sims.bench_overhead --dp        # adds a row with DP-SGD training on
+    python -m sims.bench.overhead             # 10 clients, 5 rounds x 3 repeats (see --help)
+    python -m sims.bench.overhead --dp        # adds a row with DP-SGD training on
 
 Two federations run in this one process, round for round, alternating which goes first,
 so that machine noise falls on both alike:
@@ -19,7 +19,7 @@ a fixed number of local steps, DP and training quantization as configured for bo
 (off by default). The two global models drift apart after round 1, but training cost
 does not depend on the weights. Both go through the same ``InProcessGrid`` (subclassed
 here, for timing and transport) and the same per-round strategy calls as
-``sims.server_app.run``, without its central evaluation and checkpoint writing, which
+``sims.app.server_app.run``, without its central evaluation and checkpoint writing, which
 are the same for both and no part of the codec or the strategy.
 
 Each round's time, by the wall clock and by this process's CPU time (which the load
@@ -79,8 +79,8 @@ import clients.client_app as fq_client
 from clients.client_app import ARRAYS_KEY, METRICS_KEY, node_seed
 from fedquant.config import RunConfig
 from fedquant.models import build_model
-from sims.bench import write_report
-from sims.inprocess import InProcessGrid
+from sims.bench.sweep import write_report
+from sims.launch.inprocess import InProcessGrid
 from strategies.quantized import strategy_from_config
 
 PHASES = ("train", "encode", "wire", "server")
@@ -206,7 +206,7 @@ class Federation:
     samples: list[dict[str, float]] = field(default_factory=list)
 
     def run_round(self, cfg: RunConfig, server_round: int) -> None:
-        """One round as ``sims.server_app.run`` does it, minus evaluation and checkpoint."""
+        """One round as ``sims.app.server_app.run`` does it, minus evaluation and checkpoint."""
         clock = self.grid.clock
         clock.reset()
         with clock.phase("round"):
@@ -332,7 +332,7 @@ def table_rows(label: str, fq: Samples, stock: Samples, *, bits: int, clock: str
 def main(argv: Sequence[str] | None = None) -> int:
     defaults = RunConfig()
     parser = argparse.ArgumentParser(
-        prog="python -m sims.bench_overhead", description=__doc__.split("\n")[0]
+        prog="python -m sims.bench.overhead", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per repeat")

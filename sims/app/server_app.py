@@ -3,7 +3,7 @@
 Validates the run config before any client is contacted, then runs the quantized
 strategy for ``num-server-rounds`` rounds with central evaluation on the held-out
 MNIST test split, printing one progress line per round and writing ``results.json``,
-``rounds.csv``, ``rounds.png`` and a checkpoint (``sims.checkpoint``) to ``out-dir``
+``rounds.csv``, ``rounds.png`` and a checkpoint (``sims.app.checkpoint``) to ``out-dir``
 after every round; ``resume=true`` continues from the last complete round.
 """
 
@@ -23,9 +23,9 @@ from clients.client_app import dp_settings, node_seed, quant_settings
 from fedquant.config import ConfigError, RunConfig
 from fedquant.data import load_mnist, partition_indices
 from fedquant.models import build_model, evaluate
-from fedquant.private import check_client_target, round_plan
-from sims.checkpoint import Checkpoint, check_same_experiment, load_checkpoint, save_checkpoint
-from sims.report import RunReport
+from fedquant.training import check_client_target, round_plan
+from sims.app.checkpoint import Checkpoint, check_same_experiment, load_checkpoint, save_checkpoint
+from sims.app.report import RunReport
 from strategies.quantized import QuantizedStrategy, strategy_from_config
 
 app = ServerApp()

@@ -1,9 +1,9 @@
 """Benchmark: wall time per round of a gRPC deployment on 127.0.0.1, insecure and TLS.
 
-    python -m sims.bench_deploy                          # 2 and 8 SuperNodes, both modes
-    python -m sims.bench_deploy --supernodes 2 --modes tls --rounds 3
+    python -m sims.bench.deploy                          # 2 and 8 SuperNodes, both modes
+    python -m sims.bench.deploy --supernodes 2 --modes tls --rounds 3
 
-Each cell starts a SuperLink and N SuperNodes with ``sims.deploy`` (TLS cells also
+Each cell starts a SuperLink and N SuperNodes with ``sims.launch.deploy`` (TLS cells also
 use SuperNode authentication), waits until all N are online, runs the real app for
 ``--rounds`` rounds of plain local SGD with 4-bit updates, and stops everything. A
 round's wall time is the time between the ServerApp's progress lines for round r-1
@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sims.deploy import (
+from sims.launch.deploy import (
     deploy_overrides,
     deployment_superlink,
     start_supernode,
@@ -111,7 +111,7 @@ def table(cells: Sequence[Cell]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sims.bench_deploy", description=__doc__.split("\n")[0]
+        prog="python -m sims.bench.deploy", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--supernodes", type=int, nargs="+", default=[2, 8])
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["insecure", "tls"])

@@ -1,4 +1,4 @@
-"""Hostile clients for robustness tests and ``sims.bench_robust``.
+"""Hostile clients for robustness tests and ``sims.bench.robust``.
 
 A hostile client trains honestly and then edits its reply before it leaves: it lies
 about its quantization error or its example count, scales (or sign-flips) its update
@@ -6,7 +6,7 @@ and re-encodes it as valid codes with an honest MSE for the scaled values, or ad
 metrics the run does not allow. Every edited reply is well-formed, so it passes the
 codec's checks; what it can still do to the model is what the strategy must bound.
 :class:`HostileGrid` runs the real ServerApp loop, strategy and ClientApp in-process
-(``sims.inprocess``) with some nodes hostile.
+(``sims.launch.inprocess``) with some nodes hostile.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from fedquant.payload import (
     decode_update,
     encode_update,
 )
-from fedquant.quantize import ClipRule, Rounding
-from sims.inprocess import InProcessGrid
+from fedquant.codec import ClipRule, Rounding
+from sims.launch.inprocess import InProcessGrid
 from strategies.quantized import METRICS_KEY
 
 # An edit of a reply's records by the node that sends it.
@@ -115,11 +115,11 @@ ATTACKS: dict[str, Callable[..., Attack]] = {
     # Error weighting's worst case: a flipped update that claims to be exact.
     "flip-x9+mse-zero": lambda: Attack("flip-x9+mse-zero", chained(scaled(-9.0), zero_mse)),
 }
-"""Attacks by name (``sims.bench_robust``); each call builds a fresh one."""
+"""Attacks by name (``sims.bench.robust``); each call builds a fresh one."""
 
 
 class HostileGrid(InProcessGrid):
-    """An :class:`~sims.inprocess.InProcessGrid` whose nodes in ``attacks`` edit
+    """An :class:`~sims.launch.inprocess.InProcessGrid` whose nodes in ``attacks`` edit
     their training replies before the server sees them."""
 
     def __init__(

@@ -30,6 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
+
+# isort: off
+import fedquant._opacus  # noqa: F401  (before Opacus: drops its root log handler)
+# isort: on
 from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset

@@ -1,11 +1,11 @@
 """Benchmark: hostile clients against each aggregator, through the real round loop.
 
-    python -m sims.bench_robust              # every attack x aggregator (~5 min on 2 cores)
-    python -m sims.bench_robust --seeds 0 1  # more seeds
+    python -m sims.bench.robust              # every attack x aggregator (~5 min on 2 cores)
+    python -m sims.bench.robust --seeds 0 1  # more seeds
 
 Each cell is a run of 10 clients, 4-bit uploads, no DP (``--rounds`` x
 ``--local-steps`` of batch 64), the real ServerApp loop, strategy and ClientApp
-in-process (``sims.attacks.HostileGrid``), with the attackers' replies edited after
+in-process (``sims.bench.attacks.HostileGrid``), with the attackers' replies edited after
 honest training: well-formed replies that pass every check of the codec. Prints, per
 attack and aggregator, the final accuracy and the reply counts the strategy logged
 (accepted, rejected, norm-clipped, down-weighted, discarded rounds), and writes the
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 CLIENTS = 10
-# Attack name -> (attacker node ids, attack name in sims.attacks or "count-at-cap").
+# Attack name -> (attacker node ids, attack name in sims.bench.attacks or "count-at-cap").
 ATTACK_SETUPS: dict[str, tuple[tuple[int, ...], str | None]] = {
     "none": ((), None),
     "1 x MSE 0": ((1,), "mse-zero"),
@@ -60,8 +60,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     from clients.client_app import app as client_app
     from fedquant.config import RunConfig
     from fedquant.dpquant import QuantPolicy
-    from sims.attacks import ATTACKS, Attack, HostileGrid, chained, metrics, scaled
-    from sims.server_app import run
+    from sims.bench.attacks import ATTACKS, Attack, HostileGrid, chained, metrics, scaled
+    from sims.app.server_app import run
     from strategies.quantized import strategy_from_config
 
     out = Path(cell["out"])
@@ -125,7 +125,7 @@ def table(results: Sequence[dict[str, Any]], seeds: Sequence[int]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser("python -m sims.bench_robust", description=__doc__)
+    parser = argparse.ArgumentParser("python -m sims.bench.robust", description=__doc__)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local-steps", type=int, default=10)

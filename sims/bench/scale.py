@@ -1,11 +1,11 @@
 """Scale benchmark: many simulated clients on one machine, through the real launcher.
 
-    python -m sims.bench_scale                      # 100 and 1,000 clients, 10% per round
-    python -m sims.bench_scale --clients 1000 --rounds 5 --dp
-    python -m sims.bench_scale --ray-address 10.0.0.1:6379   # on a running Ray cluster
+    python -m sims.bench.scale                      # 100 and 1,000 clients, 10% per round
+    python -m sims.bench.scale --clients 1000 --rounds 5 --dp
+    python -m sims.bench.scale --ray-address 10.0.0.1:6379   # on a running Ray cluster
 
 For each client count it starts the launcher's own simulation SuperLink
-(``sims.run.simulation_superlink``), submits the app with ``submit_and_follow`` and,
+(``sims.launch.run.simulation_superlink``), submits the app with ``submit_and_follow`` and,
 while the run lasts, samples every process of the SuperLink's tree (the SuperLink,
 ``flwr-simulation``, and the local Ray it starts: GCS, raylet, agents, client-actor
 workers) from ``/proc``: the sum of RSS (which counts a page shared by N processes N
@@ -34,7 +34,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sims.run import resolve_run_config, simulation_superlink, submit_and_follow
+from sims.launch.run import resolve_run_config, simulation_superlink, submit_and_follow
 
 
 @dataclass
@@ -205,7 +205,7 @@ def table(results: Sequence[Result]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sims.bench_scale", description=__doc__.split("\n")[0]
+        prog="python -m sims.bench.scale", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--fraction", type=float, default=0.1, help="fraction-train (default 0.1)")

@@ -1,9 +1,9 @@
 """Deploy fedquant over gRPC on this machine: one SuperLink and N SuperNodes.
 
-    python -m sims.deploy --supernodes 2 --run-config "num-server-rounds=2 bits=4"
-    python -m sims.deploy --supernodes 2 --secure      # TLS + SuperNode authentication
+    python -m sims.launch.deploy --supernodes 2 --run-config "num-server-rounds=2 bits=4"
+    python -m sims.launch.deploy --supernodes 2 --secure      # TLS + SuperNode authentication
 
-Unlike ``sims.run`` (Flower's simulation runtime), this starts Flower's deployment
+Unlike ``sims.launch.run`` (Flower's simulation runtime), this starts Flower's deployment
 runtime, the same processes a multi-machine deployment runs: a ``flower-superlink``
 whose Fleet API speaks gRPC, and N ``flower-supernode`` processes, each with its own
 MNIST partition (``--node-config "partition-id=i num-partitions=N state-dir=..."``;
@@ -20,7 +20,7 @@ SuperNode's Runtime HTTP API (``--host/--port``). Apps run in subprocess isolati
 with runtime dependency installation off.
 
 With ``--secure``, a private CA and a server certificate for 127.0.0.1/localhost are
-made (``sims.certs``); the SuperLink serves TLS and requires SuperNode
+made (``sims.launch.certs``); the SuperLink serves TLS and requires SuperNode
 authentication; each SuperNode gets an ECDSA P-384 key whose public half is
 registered with ``flwr supernode register`` before it starts; SuperNodes and the
 ``flwr`` CLI verify the SuperLink against the CA (``root-certificates``).
@@ -49,9 +49,9 @@ from pathlib import Path
 from typing import Any
 
 from fedquant.config import ConfigError, RunConfig
-from sims.certs import AuthKeys, TlsFiles, write_supernode_keys, write_tls_files
-from sims.procs import flower_env, free_port, stop_process_group, wait_for_port
-from sims.run import APP_DIR, resolve_run_config, run_config_arg
+from sims.launch.certs import AuthKeys, TlsFiles, write_supernode_keys, write_tls_files
+from sims.launch.procs import flower_env, free_port, stop_process_group, wait_for_port
+from sims.launch.run import APP_DIR, resolve_run_config, run_config_arg
 
 CONNECTION = "fedquant-deploy"
 HOST = "127.0.0.1"
@@ -635,7 +635,7 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sims.deploy", description=__doc__.split("\n")[0]
+        prog="python -m sims.launch.deploy", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
         "--supernodes", "-n", type=int, default=2, help="SuperNodes to start (default 2)"

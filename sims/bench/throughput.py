@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from fedquant.packing import pack_codes
-from fedquant.quantize import ClipRule, Rounding, quantize
+from fedquant.codec import ClipRule, Rounding, quantize
 
 __all__ = ["quantize_pack_throughput"]
 

@@ -1,10 +1,10 @@
 """Benchmark: final accuracy across bits x aggregator x rounding, and codec throughput.
 
-    python -m sims.bench                      # the full grid (see --help)
-    python -m sims.bench --seeds 0 --bits 4 32 --rounds 3   # a quick look
+    python -m sims.bench.sweep                      # the full grid (see --help)
+    python -m sims.bench.sweep --seeds 0 --bits 4 32 --rounds 3   # a quick look
 
 Every cell runs the real ServerApp loop, strategy and ClientApp code through
-``sims.inprocess.InProcessGrid`` (no Ray: a sweep of ~100 runs would otherwise spend
+``sims.launch.inprocess.InProcessGrid`` (no Ray: a sweep of ~100 runs would otherwise spend
 most of its time starting processes), on the embedded MNIST, with the same rounds,
 clients and seeds for all cells. Prints a table per partitioning (mean ± std of
 the final test accuracy over seeds), the paper-B targets, and the quantize+pack
@@ -74,7 +74,7 @@ def run_cell(overrides: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from fedquant.config import RunConfig
-    from sims.inprocess import run_in_process
+    from sims.launch.inprocess import run_in_process
 
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -155,7 +155,7 @@ def targets(results: list[dict[str, Any]], partitioning: str) -> list[str]:
 def throughput_lines() -> list[str]:
     import torch
 
-    from fedquant.throughput import quantize_pack_throughput
+    from sims.bench.throughput import quantize_pack_throughput
 
     # One thread for both sides: torch's OpenMP pool stalls on a loaded 2-core machine,
     # which would flatter fedquant's ratio.
@@ -241,7 +241,7 @@ def sweep_parser(prog: str, doc: str, *, rounds: int, local_steps: int, out: str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = sweep_parser("python -m sims.bench", __doc__, rounds=8, local_steps=20, out="outputs/bench")
+    parser = sweep_parser("python -m sims.bench.sweep", __doc__, rounds=8, local_steps=20, out="outputs/bench")
     parser.add_argument("--partitionings", nargs="+", default=["iid", "dirichlet"])
     parser.add_argument("--bits", nargs="+", type=int, default=[1, 2, 4, 8, 32])
     parser.add_argument("--alpha", type=float, default=0.5)

@@ -1,4 +1,4 @@
-"""Tests for fedquant.quantize: properties against oracles, tolerances from theory."""
+"""Tests for fedquant.codec: properties against oracles, tolerances from theory."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import fedquant.quantize as quantize_module
-from fedquant.quantize import (
+import fedquant.codec as quantize_module
+from fedquant.codec import (
     ClipRule,
     QuantizedTensor,
     Rounding,
@@ -20,7 +20,7 @@ from fedquant.quantize import (
     quantize,
     rounding_error_floor,
 )
-from fedquant.throughput import quantize_pack_throughput
+from sims.bench.throughput import quantize_pack_throughput
 
 ALL_BITS = range(1, 9)
 

@@ -3,8 +3,8 @@
 Private accuracy against the published DP-SGD results, DPQuant's two findings (paper A)
 centrally and federated, and DP-SGD throughput with fake quantization:
 
-    python -m sims.bench_private              # the default sweep (~85 min on 2 cores)
-    python -m sims.bench_private --quick      # a smoke run of every section (~5 min)
+    python -m sims.bench.private              # the default sweep (~85 min on 2 cores)
+    python -m sims.bench.private --quick      # a smoke run of every section (~5 min)
 
 Sections of the report (``bench.md`` in ``--out``, beside ``dpquant-pareto.png``):
 
@@ -29,7 +29,7 @@ Sections of the report (``bench.md`` in ``--out``, beside ``dpquant-pareto.png``
    each model, measured in the same run (interleaved, median of 3).
 
 Every accuracy cell runs the real ServerApp loop, strategy and ClientApp through
-``sims.inprocess.InProcessGrid`` with ``dp-noise-seeded = true``, so a cell reruns bit
+``sims.launch.inprocess.InProcessGrid`` with ``dp-noise-seeded = true``, so a cell reruns bit
 for bit and cells with the same seed share their noise stream (a benchmark, not a
 private deployment). Finished cells under ``--out`` are reused.
 """
@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sims.bench import CELL_CPU_SECONDS, CELL_SECONDS, collect, run_sweep, sweep_parser, write_report
+from sims.bench.sweep import CELL_CPU_SECONDS, CELL_SECONDS, collect, run_sweep, sweep_parser, write_report
 
 POLICIES = ("none", "static", "random", "dpquant")
 ACCOUNTANTS = ("rdp", "prv")
@@ -265,7 +265,7 @@ def estimator_share(overrides: dict[str, Any]) -> float:
     from fedquant.accounting import MechanismStep, PrivacyLedger
     from fedquant.config import RunConfig
     from fedquant.data import SPLIT_SIZES
-    from fedquant.private import calibrate_client_noise, planned_mechanisms, round_plan
+    from fedquant.training import calibrate_client_noise, planned_mechanisms, round_plan
 
     cfg = RunConfig.from_flower(overrides)
     dp, quant = dp_settings(cfg), quant_settings(cfg)
@@ -452,8 +452,8 @@ def estimator_diagnostic(
     from fedquant.dpquant import num_quantized, sample_layers, selection_probabilities
     from fedquant.fakequant import quantizable_layers, set_quantized
     from fedquant.models import ModelName, build_model
-    from fedquant.private import _per_example_losses
-    from sims.checkpoint import load_checkpoint
+    from fedquant.training import _per_example_losses
+    from sims.app.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(run["out-dir"])
     if checkpoint is None:
@@ -579,7 +579,7 @@ def calibrated_noise(epsilons: Sequence[float]) -> list[str]:
     from clients.client_app import dp_settings, quant_settings
     from fedquant.accounting import Accountant
     from fedquant.config import RunConfig
-    from fedquant.private import calibrate_client_noise, round_plan
+    from fedquant.training import calibrate_client_noise, round_plan
 
     plans = {
         "default (20 steps/round)": RunConfig(),
@@ -618,7 +618,7 @@ def dp_sgd_throughput(*, model_name: str, batch_size: int, steps: int, seed: int
     from fedquant.data import load_mnist
     from fedquant.fakequant import QuantFormat, quantizable_layers, set_quantized
     from fedquant.models import ModelName, build_model
-    from fedquant.private import backward_quietly, private_engine
+    from fedquant.training import backward_quietly, private_engine
 
     torch.set_num_threads(1)
     train = load_mnist().train
@@ -677,7 +677,7 @@ QUICK = {
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = sweep_parser(
-        "python -m sims.bench_private", __doc__, rounds=10, local_steps=20,
+        "python -m sims.bench.private", __doc__, rounds=10, local_steps=20,
         out="outputs/bench-private",
     )
     parser.add_argument("--quick", action="store_true",

@@ -1,7 +1,7 @@
 """Run a fedquant simulation on Flower's simulation runtime (Ray).
 
-    python -m sims.run --run-config "bits=2 num-server-rounds=5"
-    python -m sims.run --ray-address 10.0.0.1:6379 --run-config "num-supernodes=1000"
+    python -m sims.launch.run --run-config "bits=2 num-server-rounds=5"
+    python -m sims.launch.run --ray-address 10.0.0.1:6379 --run-config "num-supernodes=1000"
 
 The overrides use Flower's syntax and are validated here first: a bad key or value
 stops before any process starts. The launcher then starts its own SuperLink in
@@ -42,9 +42,9 @@ import tomli
 from flwr.common.config import parse_config_args
 
 from fedquant.config import ConfigError, RunConfig
-from sims.procs import flower_env, free_port, stop_process_group, wait_for_port
+from sims.launch.procs import flower_env, free_port, stop_process_group, wait_for_port
 
-APP_DIR = Path(__file__).resolve().parent.parent
+APP_DIR = Path(__file__).resolve().parents[2]
 CONNECTION = "fedquant-sim"
 
 
@@ -60,8 +60,8 @@ def resolve_run_config(overrides: Sequence[str]) -> tuple[RunConfig, dict[str, A
     Returns the validated config and the overrides to pass to ``flwr run``
     (``out-dir`` made absolute, since the ServerApp runs in another directory).
     """
-    from sims.checkpoint import check_same_experiment, load_checkpoint
-    from sims.server_app import validate_privacy_plan
+    from sims.app.checkpoint import check_same_experiment, load_checkpoint
+    from sims.app.server_app import validate_privacy_plan
     from strategies.quantized import strategy_from_config
 
     parsed = parse_config_args(list(overrides)) if overrides else {}
@@ -292,7 +292,7 @@ def _positive_int(value: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sims.run", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sims.launch.run", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--run-config",
         "-c",

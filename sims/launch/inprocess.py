@@ -3,7 +3,7 @@
 It delivers each message to the real ``ClientApp`` object in this process, one node
 after another, so a sweep runs the same ServerApp loop, strategy and client code as
 a simulation, minus the SuperLink, Ray and process start-up that dominate small runs.
-Use ``sims.run`` (Flower's simulation runtime with Ray) for anything that is not a
+Use ``sims.launch.run`` (Flower's simulation runtime with Ray) for anything that is not a
 sweep: this grid has no isolation between clients and no parallelism.
 """
 
@@ -24,8 +24,8 @@ from flwr.supercore import log
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedquant.config import RunConfig
-from sims.report import RunReport
-from sims.server_app import run as run_server
+from sims.app.report import RunReport
+from sims.app.server_app import run as run_server
 from strategies.quantized import strategy_from_config
 
 

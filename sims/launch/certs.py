@@ -1,7 +1,7 @@
 """TLS certificates and SuperNode authentication keys for a Flower deployment.
 
-    python -m sims.certs --out certs --host 127.0.0.1 --host localhost
-    python -m sims.certs --out certs --host superlink.example.org --supernode-keys 3
+    python -m sims.launch.certs --out certs --host 127.0.0.1 --host localhost
+    python -m sims.launch.certs --out certs --host superlink.example.org --supernode-keys 3
 
 Writes a private certificate authority (``ca.crt``, ``ca.key``) and a server
 certificate signed by it (``server.crt``, ``server.key``) whose subject alternative
@@ -215,7 +215,7 @@ def _write_private(path: Path, data: bytes) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sims.certs", description=__doc__.split("\n")[0]
+        prog="python -m sims.launch.certs", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--out", type=Path, required=True, help="folder to write into")
     parser.add_argument(
