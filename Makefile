@@ -30,7 +30,7 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 bench: install
-	$(PY) -m sims.bench.sweep
+	$(PY) -m sims.bench.codec_accuracy
 
 bench-private: install
 	$(PY) -m sims.bench.private

@@ -77,10 +77,10 @@ def privacy_generator(cfg: RunConfig, server_round: int, partition_id: int) -> t
     the server; the launcher and results.json warn) is it derived from those, and
     likewise without DP, where nothing is protected.
     """
-    if cfg.dp and not cfg.dp_noise_seeded:
+    if cfg.dp.enabled and not cfg.dp.noise_seeded:
         return torch.Generator().manual_seed(secrets.randbits(64))
     return torch.Generator().manual_seed(
-        node_seed(cfg.seed, server_round, partition_id, _SEEDED_NOISE_STREAM)
+        node_seed(cfg.run.seed, server_round, partition_id, _SEEDED_NOISE_STREAM)
     )
 
 
@@ -91,9 +91,9 @@ def node_partition(context: Context, cfg: RunConfig) -> tuple[int, Split]:
     data = load_partition(
         partition_id,
         num_partitions=num_partitions,
-        partitioning=cfg.partitioning,
-        alpha=cfg.dirichlet_alpha,
-        seed=cfg.seed,
+        partitioning=cfg.train.partitioning,
+        alpha=cfg.train.dirichlet_alpha,
+        seed=cfg.run.seed,
     )
     return partition_id, data
 
@@ -108,32 +108,32 @@ def node_state_store(
     """
     if node_dir := context.node_config.get("state-dir"):
         return NodeStateStore(str(node_dir))
-    if cfg.client_state_dir:
-        return NodeStateStore(Path(cfg.client_state_dir) / f"partition-{partition_id}")
+    if cfg.run.client_state_dir:
+        return NodeStateStore(Path(cfg.run.client_state_dir) / f"partition-{partition_id}")
     return None
 
 
 def quant_settings(cfg: RunConfig) -> QuantSettings | None:
-    if cfg.quant_policy is QuantPolicy.NONE or cfg.quant_train_ratio == 0.0:
+    if cfg.dpquant.policy is QuantPolicy.NONE or cfg.dpquant.train_ratio == 0.0:
         return None
     return QuantSettings(
-        policy=cfg.quant_policy,
-        ratio=cfg.quant_train_ratio,
-        fmt=cfg.quant_format,
-        beta=cfg.dpquant_beta,
-        alpha=cfg.dpquant_alpha,
-        estimator_clip=cfg.dpquant_clip,
-        estimator_noise=cfg.dpquant_noise,
-        estimator_rate=cfg.dpquant_sample_rate,
-        period=cfg.dpquant_period,
-        low_precision_speedup=cfg.low_precision_speedup,
+        policy=cfg.dpquant.policy,
+        ratio=cfg.dpquant.train_ratio,
+        fmt=cfg.dpquant.format,
+        beta=cfg.dpquant.beta,
+        alpha=cfg.dpquant.alpha,
+        estimator_clip=cfg.dpquant.clip,
+        estimator_noise=cfg.dpquant.noise,
+        estimator_rate=cfg.dpquant.sample_rate,
+        period=cfg.dpquant.period,
+        low_precision_speedup=cfg.dpquant.low_precision_speedup,
     )
 
 
 def dp_settings(cfg: RunConfig) -> DPSettings | None:
-    if not cfg.dp:
+    if not cfg.dp.enabled:
         return None
-    return DPSettings(cfg.target_epsilon, cfg.target_delta, cfg.max_grad_norm, cfg.accountant)
+    return DPSettings(cfg.dp.target_epsilon, cfg.dp.target_delta, cfg.dp.max_grad_norm, cfg.dp.accountant)
 
 
 def node_state(context: Context, store: NodeStateStore | None, *, private: bool) -> NodeState:
@@ -181,16 +181,16 @@ def train(msg: Message, context: Context) -> Message:
     if result.exhausted_epsilon is not None:
         return _budget_exhausted(msg, result.server_round, result.exhausted_epsilon)
     cfg, global_state, local_state = result.cfg, result.global_state, result.local_state
-    if cfg.payload is PayloadMode.UPDATE:
+    if cfg.codec.payload is PayloadMode.UPDATE:
         tensors = {k: local_state[k] - global_state[k] for k in global_state}
     else:
         tensors = dict(local_state)
     # Stochastic rounding of a DP output is post-processing: seeded, so runs reproduce.
     rounding_rng = torch.Generator().manual_seed(
-        node_seed(cfg.seed, result.server_round, result.partition_id)
+        node_seed(cfg.run.seed, result.server_round, result.partition_id)
     )
     content = encode_update(
-        tensors, bits=cfg.bits, clip=cfg.clip, rounding=cfg.rounding, generator=rounding_rng
+        tensors, bits=cfg.codec.bits, clip=cfg.codec.clip, rounding=cfg.codec.rounding, generator=rounding_rng
     )
     content[METRICS_KEY] = MetricRecord(result.metrics)
     return Message(content=content, reply_to=msg)
@@ -207,25 +207,25 @@ def local_train(msg: Message, context: Context) -> LocalRound:
     state = node_state(context, store, private=dp is not None)
 
     global_state = msg.content[ARRAYS_KEY].to_torch_state_dict()
-    model = build_model(cfg.model, seed=cfg.seed)
+    model = build_model(cfg.train.model, seed=cfg.run.seed)
     model.load_state_dict(global_state)
     for _, layer in quantizable_layers(model):
-        layer.act_scale = cfg.act_scale
+        layer.act_scale = cfg.dpquant.act_scale
 
     plan = round_plan(
-        len(data), batch_size=cfg.batch_size, epochs=cfg.local_epochs, max_steps=cfg.local_steps
+        len(data), batch_size=cfg.train.batch_size, epochs=cfg.train.local_epochs, max_steps=cfg.train.local_steps
     )
     scheduler = state.scheduler
     if quant is not None and scheduler is None:
         scheduler = new_scheduler(
             n_layers=len(quantizable_layers(model)), quant=quant,
-            seed=node_seed(cfg.seed, partition_id),
+            seed=node_seed(cfg.run.seed, partition_id),
         )
     ledger, noise = None, None
     if dp is not None:
         if state.privacy is None:
             # Calibrated once, for every round the run plans; never re-derived.
-            noise = calibrate_client_noise(plan, rounds=cfg.num_server_rounds, dp=dp, quant=quant)
+            noise = calibrate_client_noise(plan, rounds=cfg.run.num_server_rounds, dp=dp, quant=quant)
             ledger = PrivacyLedger()
         else:
             noise, ledger = state.privacy.noise_multiplier, state.privacy.ledger
@@ -247,14 +247,14 @@ def local_train(msg: Message, context: Context) -> LocalRound:
         model,
         data,
         plan=plan,
-        lr=cfg.dp_lr if dp is not None else cfg.lr,
-        momentum=cfg.momentum,
-        batch_size=cfg.batch_size,
+        lr=cfg.train.dp_lr if dp is not None else cfg.train.lr,
+        momentum=cfg.train.momentum,
+        batch_size=cfg.train.batch_size,
         privacy_rng=privacy_generator(cfg, server_round, partition_id),
         scheduler=scheduler if quant is not None else None,
         quant=quant,
         noise_multiplier=noise,
-        max_grad_norm=cfg.max_grad_norm,
+        max_grad_norm=cfg.dp.max_grad_norm,
         ledger=ledger,
     )
 

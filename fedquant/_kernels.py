@@ -1,9 +1,10 @@
 """Numba kernels behind ``fedquant.codec`` and ``fedquant.packing`` (private).
 
-Each kernel is one pass over its input, compiled on first use for the dtypes it meets
-and cached on disk (``cache=True``), with ``nogil=True`` so that callers can split large
-arrays over a thread pool and ``fastmath=False`` (the rounding below relies on exact
-IEEE arithmetic). Signatures are kept few because compilation costs seconds: 1-D
+numba is a required dependency (pyproject pins numba==0.68.1): these kernels are the
+only implementation of the quantizer, OCTAV's search and the packer. Each kernel is one
+pass over its input, compiled on first use for the dtypes it meets and cached on disk
+(``cache=True``), with ``fastmath=False`` (the rounding below relies on exact IEEE
+arithmetic). Signatures are kept few because compilation costs seconds: 1-D
 contiguous arrays, float constants passed as a small array of the input's dtype
 (``consts``), int64 and uint64 scalars. Indices are cast to unsigned so that numba emits
 no negative-index wrap-around, which would stop LLVM from vectorizing the loops.
@@ -21,9 +22,9 @@ t 2**24 is exact in floating point; T equals it whenever t is a multiple of 2**-
 of a step). So E[c] = t' and P(c rounds up) = frac(t') exactly: the 24-bit dither adds
 no bias beyond that rounding, and a value on the grid keeps its code.
 
-Random bits (a counter-based stream: the codes depend only on the key and the global
-index, not on how the array is split over threads, as long as splits fall on multiples
-of _LANES): the element with global index 64 r + j (row r, lane j) gets::
+Random bits (a counter-based stream: the codes depend only on the key and the element's
+index, so a prefix of an array gets the codes it gets inside the whole array): the
+element with index 64 r + j (row r, lane j) gets::
 
     (hi_r, lo_r) = halves of splitmix64(key + 64 r gamma64)     one 64-bit hash per row
     k = (lowbias32(lo_r + j gamma32 mod 2**32) xor hi_r) >> 8    one 32-bit hash each
@@ -36,17 +37,21 @@ element (vpmullq) made the stochastic kernel about 1.5x slower.
 The squared error (u - level)**2 is computed in the working precision and summed over
 blocks of _ROWS elements per lane into _LANES partial sums of that precision, which
 are flushed into float64 accumulators after each block (a fixed order that vectorizes
-without reassociation; blocks are aligned to the start of the array, so splits at
-multiples of BLOCK give the same partial sums).
+without reassociation).
 """
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
+try:
+    import numba
+except ImportError as e:  # pinned in pyproject.toml; there is no numpy fallback
+    raise ImportError(
+        "fedquant's quantize and pack kernels need numba: pip install numba==0.68.1"
+    ) from e
+
 __all__ = [
-    "BLOCK",
     "abs_max_bits",
     "gather_abs",
     "octav_solve",
@@ -57,7 +62,7 @@ __all__ = [
 
 _LANES = 64  # partial sums (one per position in a row of _LANES elements)
 _ROWS = 16  # rows per block: each working-precision partial sum holds _ROWS terms
-BLOCK = _LANES * _ROWS  # elements per block; split arrays at multiples of this
+_BLOCK = _LANES * _ROWS  # elements per block of working-precision partial sums
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)  # splitmix64 increment (2**64 / golden ratio)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -75,8 +80,8 @@ _H8 = np.uint32(8)  # 32 - 24: keep the top 24 bits of the hash
 _H15 = np.uint32(15)
 _H16 = np.uint32(16)
 
-_jit = numba.njit(cache=True, nogil=True, fastmath=False)
-_inline = numba.njit(cache=True, nogil=True, fastmath=False, inline="always")
+_jit = numba.njit(cache=True, fastmath=False)
+_inline = numba.njit(cache=True, fastmath=False, inline="always")
 
 
 # ----------------------------------------------------------------------------- max |x|
@@ -128,9 +133,10 @@ def _nearest_one(xv, a, half, p5):  # type: ignore[no-untyped-def]
 
 @_jit
 def quantize_nearest(x, codes, consts, offset):  # type: ignore[no-untyped-def]
-    """codes = floor(clip(x a)) + offset; returns sum((u - level)**2) in u-units.
+    """Nearest rounding: ``c = floor(clip(x a)) + offset``; returns sum((u - level)**2).
 
-    ``consts`` = (a, n/2, 1/2) in x's dtype, ``offset`` = (n + 1)/2.
+    The sum is in u-units. ``consts`` = (a, n/2, 1/2) in x's dtype, ``offset`` =
+    (n + 1)/2, so that c = floor(n y + 1/2) (module docstring).
     """
     a = consts[0]
     half = consts[1]
@@ -140,9 +146,9 @@ def quantize_nearest(x, codes, consts, offset):  # type: ignore[no-untyped-def]
     part = np.zeros(_LANES, x.dtype)
     size = x.size
     whole = size - size % _LANES
-    for block in range(0, whole, BLOCK):
+    for block in range(0, whole, _BLOCK):
         part.fill(0)
-        for i in range(block, min(block + BLOCK, whole), _LANES):
+        for i in range(block, min(block + _BLOCK, whole), _LANES):
             for j in range(_LANES):
                 p = np.uint64(i + j)
                 g, e2 = _nearest_one(x[p], a, half, p5)
@@ -168,9 +174,11 @@ def _mix64(z):  # type: ignore[no-untyped-def]
 
 @_inline
 def _lowbias32(z):  # type: ignore[no-untyped-def]
-    """32-bit integer hash ``lowbias32`` (C. Wellons, "Prospecting for hash functions",
-    2018): a bijection of uint32 with low avalanche bias; explicit uint32 casts keep
-    numba from widening the arithmetic."""
+    """32-bit integer hash ``lowbias32`` (C. Wellons, "Prospecting for hash functions", 2018).
+
+    A bijection of uint32 with low avalanche bias; explicit uint32 casts keep numba from
+    widening the arithmetic.
+    """
     z = np.uint32(z ^ (z >> _H16))
     z = np.uint32(z * _HMUL1)
     z = np.uint32(z ^ (z >> _H15))
@@ -189,17 +197,18 @@ def _stochastic_one(xv, a, half, scale, k):  # type: ignore[no-untyped-def]
 
 
 @_jit
-def quantize_stochastic(x, codes, consts, key, start):  # type: ignore[no-untyped-def]
-    """Stochastic rounding (module docstring) of x, whose element 0 has the global index
-    ``start`` (a multiple of _LANES) in the stream ``key``; returns sum((u - level)**2)
-    in u-units.
+def quantize_stochastic(x, codes, consts, key):  # type: ignore[no-untyped-def]
+    """Stochastic rounding: ``c = (rint(t 2**24) + k) >> 24``; returns sum((u - level)**2).
 
-    ``consts`` = (a, n/2, 2**24) in x's dtype; ``key`` a uint64, ``start`` an int64.
+    t = clip(x a) + n/2 = n y, k the 24-bit dither of element i from the counter-based
+    stream ``key`` (module docstring), so c = floor(n y + U) with E[c] = n y up to the
+    24-bit rounding of t; the sum is in u-units. ``consts`` = (a, n/2, 2**24)
+    in x's dtype; ``key`` a uint64.
     """
     a = consts[0]
     half = consts[1]
     scale = consts[2]
-    base = np.uint64(key) + np.uint64(start) * _GAMMA
+    base = np.uint64(key)
     weyl = np.empty(_LANES, np.uint32)  # lane j: j * gamma32 (mod 2**32)
     for j in range(_LANES):
         weyl[j] = np.uint32(np.uint64(j) * _GAMMA32)
@@ -207,9 +216,9 @@ def quantize_stochastic(x, codes, consts, key, start):  # type: ignore[no-untype
     part = np.zeros(_LANES, x.dtype)
     size = x.size
     whole = size - size % _LANES
-    for block in range(0, whole, BLOCK):
+    for block in range(0, whole, _BLOCK):
         part.fill(0)
-        for i in range(block, min(block + BLOCK, whole), _LANES):
+        for i in range(block, min(block + _BLOCK, whole), _LANES):
             row = _mix64(base + np.uint64(i) * _GAMMA)  # one 64-bit key per row
             lo = np.uint32(row & _LOW32)
             hi = np.uint32(row >> _S32)
@@ -238,9 +247,13 @@ def quantize_stochastic(x, codes, consts, key, start):  # type: ignore[no-untype
 
 @_jit
 def pack_words(codes, out, bits, steps):  # type: ignore[no-untyped-def]
-    """Pack uint8 codes (length a multiple of 64) into ``out`` (uint64, ``bits`` words per
-    64 codes) in the layout of ``fedquant.packing``; returns the OR of all code bytes
-    (as a uint64 of 8 byte lanes) for the range check.
+    """Pack uint8 codes (length a multiple of 64) into ``bits`` uint64 words per 64 codes.
+
+    Code i lands in bits [B i, B (i + 1)) of the stream of words, word q holding stream
+    bits [64 q, 64 (q + 1)): the layout of ``fedquant.packing`` once the words are
+    written little-endian. Width 4 writes the bytes of ``out`` directly (already in that
+    layout on any host). Returns the OR of all code bytes (as a uint64 of 8 byte lanes)
+    for the range check.
 
     8 codes are read as one little-endian uint64 and compressed to their 8 * bits
     payload bits by the three mask-and-shift ``steps`` (shift, low, high) of
@@ -301,8 +314,10 @@ def gather_abs(flat, starts, run):  # type: ignore[no-untyped-def]
 
 @_inline
 def _search(a, v, right):  # type: ignore[no-untyped-def]
-    """np.searchsorted(a, v, side="right" if right else "left") for sorted a (a plain
-    binary search: much cheaper to compile than numba's generic searchsorted)."""
+    """``np.searchsorted(a, v, side="right" if right else "left")`` for sorted a.
+
+    A plain binary search: much cheaper to compile than numba's generic searchsorted.
+    """
     lo = 0
     hi = a.size
     while lo < hi:
@@ -316,8 +331,15 @@ def _search(a, v, right):  # type: ignore[no-untyped-def]
 
 @_jit
 def _octav_mse(a, p1, p2, s, n, nearest):  # type: ignore[no-untyped-def]
-    """Exact MSE at threshold s of the sorted magnitudes a with prefix sums p1 (of a) and
-    p2 (of a**2); the formulas of ``quantize._SortedMagnitudes.mse``."""
+    """Exact MSE at threshold s of sorted magnitudes a, from prefix sums p1 (a), p2 (a**2).
+
+    The level set is symmetric, so |x| has the error of x; the nonnegative levels are
+    l_k = (k + 1/2) Delta, k = 0..(n-1)/2, Delta = 2 s / n, the top one s. NEAREST
+    (realized MSE): bin [k Delta, (k+1) Delta) goes to l_k, the top bin reaches inf
+    (clipping). STOCHASTIC (expected MSE over the dither): between levels lo < a < hi
+    the error is (a - lo)(hi - a) (Bernoulli), above s it is (a - s)**2. Each bin's sum
+    of (a - l)**2 is s2 - 2 l s1 + l**2 cnt from the prefix sums.
+    """
     m = a.size
     step = 2.0 * s / n
     top = (n - 1) // 2
@@ -352,10 +374,13 @@ def _octav_mse(a, p1, p2, s, n, nearest):  # type: ignore[no-untyped-def]
 
 @_jit
 def octav_solve(a, n, nearest, kappa, max_iter, tol):  # type: ignore[no-untyped-def]
-    """OCTAV on sorted magnitudes a (float64, max 1): fixed point, then a 21-point scan
-    and a golden-section search on the exact MSE; returns s in (0, 1].
+    """OCTAV (Sakr et al., ICML 2022, Eq. 5) on sorted magnitudes a (float64, max 1).
 
-    The numba twin of ``quantize._octav_normalized`` (same steps and formulas).
+    Fixed point ``s <- sum a 1{a > s} / (kappa #{a <= s} + #{a > s})`` from s = mean a
+    (stopping at relative change <= tol, after max_iter steps, or at s = 1 once no a
+    exceeds s), then a 21-point scan of [s/2, min(3s/2, 1)] and a golden-section search
+    (relative width 1e-3) around its first minimum on the exact MSE (``_octav_mse``);
+    returns s in (0, 1]. The formulas are documented in ``fedquant.codec.octav_clip``.
     """
     m = a.size
     p1 = np.zeros(m + 1)

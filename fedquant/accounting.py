@@ -28,7 +28,6 @@ multiset of steps gives the same ε however the rounds interleaved them.
 
 from __future__ import annotations
 
-import enum
 import functools
 import math
 import numbers
@@ -45,18 +44,9 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from threadpoolctl import threadpool_limits
 
+from fedquant.config import Accountant
+
 __all__ = ["Accountant", "MechanismStep", "PrivacyLedger", "calibrate_noise", "check_target"]
-
-
-class Accountant(enum.Enum):
-    """How a history of SGM applications becomes one (ε, δ) (see the module docstring).
-
-    RDP: ε = min_α [Σ_entries steps·RDP_α(σ, q)] converted by Balle et al. 2020, Thm 21.
-    PRV: ε_up of the numerically composed privacy loss distribution (Gopi et al. 2021).
-    """
-
-    RDP = "rdp"
-    PRV = "prv"
 
 
 PRV_EPS_ERROR = 0.01

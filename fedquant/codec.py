@@ -25,39 +25,31 @@ Implementation notes (the arithmetic actually executed):
   k uniform on 0..2**24 - 1, evaluated in uint32 as ``(t 2**24 + k) >> 24``. So
   E[c] = t exactly: the dither adds no bias beyond the float rounding of n y, and values
   on the grid keep their code. k comes from a counter-based hash of (one draw of the
-  caller's ``torch.Generator``, element index): codes do not depend on the number of
-  worker threads. Details in ``fedquant._kernels``.
+  caller's ``torch.Generator``, element index). Details in ``fedquant._kernels``.
 * The squared error sum((u - level_u)**2) is accumulated in float64 (from partial sums
   of 16 terms in the working precision) and ``mse = sum / (N a**2)``; a non-finite
   result falls back to an exact float64 pass.
-* max|x|, the codes and their error, and OCTAV's search run in numba kernels
-  (``fedquant._kernels``): one pass over x for max|x| and one for codes and error.
-  Without numba a numpy pipeline computes the same nearest codes and error (stochastic
-  codes then come from a numpy SFC64 stream with a 16-bit dither, and differ).
-* Large tensors are split over a small thread pool (the kernels release the GIL);
-  sizes below 2**20 elements per worker run on the calling thread.
+* max|x|, the codes and their error, and OCTAV's search run in the numba kernels of
+  ``fedquant._kernels`` (numba is a required dependency), on the calling thread: one
+  pass over x for max|x| and one for codes and error.
 """
 
 from __future__ import annotations
 
-import enum
 import functools
 import math
-import os
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fedquant.backend import load_kernels
+from fedquant import _kernels
+from fedquant.config import ClipRule, Rounding
 
 __all__ = [
     "ClipRule",
     "QuantizedTensor",
     "Rounding",
-    "clip_threshold",
     "dequantize",
     "octav_clip",
     "quantize",
@@ -66,43 +58,10 @@ __all__ = [
 
 _MIN_BITS = 1
 _MAX_BITS = 8
-_CHUNK = 1 << 17  # elements per chunk; buffers of 512 KiB (float32) stay in L2
-_RNG_BLOCK = 1 << 20  # elements per independent random stream (multiple of _CHUNK)
-_PARALLEL_MIN = 1 << 20  # below this many elements per worker, stay single-threaded
 _OCTAV_SAMPLE = 1 << 16  # OCTAV runs on at most this many |x| values
 _OCTAV_RUN = 64  # consecutive elements per stratum of the OCTAV subsample
 _OCTAV_SAMPLE_SEED = 0x0C7A5  # fixed seed of the OCTAV subsample (never the clock)
-_RNG_BITS = 16  # random bits per element for stochastic rounding (numpy pipeline)
-_DITHER_SCALE = 2.0**24  # 24-bit dither of the numba kernel
-_CPUS = os.cpu_count() or 1
-
-
-_kernels = load_kernels()  # None without numba
-
-
-class Rounding(enum.Enum):
-    """How n*y in [0, n] is rounded to an integer code c in 0..n.
-
-    STOCHASTIC: ``c = floor(n*y + u)`` with ``u ~ U[0, 1)``; unbiased, E[c] = n*y
-        (Bozorgasl & Chen 2024, Sec. II). The expected squared error of one element with
-        fractional part f is ``f (1 - f) Delta**2`` (<= Delta**2 / 4), Delta = 2 s / n.
-    NEAREST: ``c = round(n*y)``, computed as ``floor(n*y + 1/2)`` (ties go up);
-        deterministic, error at most Delta / 2.
-    """
-
-    STOCHASTIC = "stochastic"
-    NEAREST = "nearest"
-
-
-class ClipRule(enum.Enum):
-    """How the clip threshold s is chosen from the tensor.
-
-    MAX: ``s = max|x|`` (no clipping; the "conventional" baseline).
-    OCTAV: the s minimizing the mean squared error of this quantizer, see ``octav_clip``.
-    """
-
-    MAX = "max"
-    OCTAV = "octav"
+_DITHER_SCALE = 2.0**24  # 24-bit dither of the stochastic kernel
 
 
 @dataclass(frozen=True)
@@ -112,9 +71,9 @@ class QuantizedTensor:
     ``codes``: torch.uint8, shape of the input, values in ``0..2**bits - 1``.
     ``bits``: bit width B in 1..8. ``clip``: threshold s >= 0 (finite).
     ``mse``: ``mean((x - dequantize(codes))**2)`` over elements, 0.0 for empty tensors;
-    the quantization error that error-weighted aggregation uses (PAPERS.md B).
-    Validated here: types, ``bits``, ``clip``, ``mse``; the code range is not re-scanned
-    (``dequantize`` and ``pack_codes`` check it).
+    the quantization error that error-weighted aggregation uses (PAPERS.md B), computed
+    in the same pass as the codes. Validated here: types, ``bits``, ``clip``, ``mse``;
+    the code range is not re-scanned (``dequantize`` and ``pack_codes`` check it).
     """
 
     codes: torch.Tensor
@@ -133,24 +92,17 @@ class QuantizedTensor:
         if math.isnan(self.mse) or self.mse < 0:
             raise ValueError(f"`mse` must be >= 0. Found `{self.mse!r}`.")
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.codes.shape
-
-    def dequantize(self) -> torch.Tensor:
-        """Float32 reconstruction ``s (2 c / n - 1)``, same shape as ``codes``."""
-        return dequantize(self.codes, bits=self.bits, clip=self.clip)
-
 
 def rounding_error_floor(*, bits: int, clip: float) -> float:
-    """``Delta^2 / 12`` with ``Delta = 2 s / (2^B - 1)``: the mean squared error of
-    rounding values spread over the grid of step Delta to the nearest level.
+    """Mean squared error ``Delta**2 / 12`` of nearest rounding on the grid of ``bits``, ``clip``.
 
-    Stochastic rounding of such values errs by ``Delta^2 / 6`` on average and nearest
-    rounding by ``Delta^2 / 12``; clipping only adds error. So a reply that reports a
-    smaller MSE for a tensor of ``bits`` and ``clip`` claims better than its grid
-    allows for typical values, and the server computes this from the two declared
-    fields alone, without trusting the reported MSE (issue: robust weighting).
+    ``Delta = 2 s / (2**B - 1)`` is the step of the grid; ``Delta**2 / 12`` is the mean
+    squared error of rounding values spread over it to the nearest level. Stochastic
+    rounding of such values errs by ``Delta**2 / 6`` on average (E f (1 - f) Delta**2
+    with f ~ U[0, 1)) and nearest rounding by ``Delta**2 / 12``; clipping only adds error.
+    So a reply that reports a smaller MSE for a tensor of ``bits`` and ``clip`` claims
+    better than its grid allows for typical values, and the server computes this from the
+    two declared fields alone, without trusting the reported MSE (issue: robust weighting).
     """
     step = 2.0 * float(clip) / ((1 << _check_bits(bits)) - 1)
     return step * step / 12.0
@@ -203,29 +155,17 @@ def _flat_numpy(x: torch.Tensor) -> np.ndarray:
 def _abs_max(flat: np.ndarray) -> float:
     """max|x| as a Python float; ValueError if x holds NaN or inf.
 
-    One pass of the ``abs_max_bits`` kernel (integer max of the bit patterns with the
-    sign masked off), or numpy's max/min without numba; split over the worker pool for
-    large inputs. Not torch.aminmax, whose OpenMP barrier stalls when another process
-    holds one of the cores.
+    One pass of the ``abs_max_bits`` kernel: the integer max of the bit patterns with the
+    sign masked off, which IEEE order makes the pattern of max|x| (NaN and inf sort above
+    every finite value). Not torch.aminmax, whose OpenMP barrier stalls when another
+    process holds one of the cores.
     """
     if flat.size == 0:
         return 0.0
-    if _kernels is not None:
-        words = flat.view(f"u{flat.itemsize}")  # uint32 / uint64 bit patterns
-        mask = words.dtype.type((1 << (8 * flat.itemsize - 1)) - 1)  # all bits but the sign
-
-        def part_bits(lo: int, hi: int) -> float:
-            return int(_kernels.abs_max_bits(words[lo:hi], mask))
-
-        top = int(_run_parts(part_bits, flat.size, _CHUNK, reduce=max))
-        amax = float(np.array(top, dtype=words.dtype).view(flat.dtype))
-    else:
-
-        def part(lo: int, hi: int) -> float:
-            chunk = flat[lo:hi]
-            return max(float(chunk.max()), -float(chunk.min()))
-
-        amax = _run_parts(part, flat.size, _CHUNK, reduce=max)
+    words = flat.view(f"u{flat.itemsize}")  # uint32 / uint64 bit patterns
+    mask = words.dtype.type((1 << (8 * flat.itemsize - 1)) - 1)  # all bits but the sign
+    top = int(_kernels.abs_max_bits(words, mask))
+    amax = float(np.array(top, dtype=words.dtype).view(flat.dtype))
     if not math.isfinite(amax):
         raise ValueError("`x` must contain only finite values. Found NaN or inf.")
     return amax
@@ -245,128 +185,21 @@ def _kappa(n: int, rounding: Rounding) -> float:
     return base if rounding is Rounding.NEAREST else 2.0 * base
 
 
-class _SortedMagnitudes:
-    """Sorted magnitudes a (max 1) with prefix sums, for O(n log m) objective values."""
-
-    def __init__(self, a: np.ndarray) -> None:
-        self.a = np.sort(a)
-        self.m = self.a.size
-        self.p1 = np.concatenate(([0.0], np.cumsum(self.a)))
-        self.p2 = np.concatenate(([0.0], np.cumsum(self.a * self.a)))
-
-    def moments(self, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Count, sum a, sum a**2 of the bins [0, e_0), [e_0, e_1), ..., [e_last, inf)."""
-        idx = np.concatenate(([0], np.searchsorted(self.a, edges, side="left"), [self.m]))
-        return np.diff(idx).astype(np.float64), np.diff(self.p1[idx]), np.diff(self.p2[idx])
-
-    def fixed_point_step(self, s: float, kappa: float) -> tuple[float, int]:
-        """One OCTAV step; returns (s_next, #{a > s})."""
-        i = int(np.searchsorted(self.a, s, side="right"))
-        above = self.m - i
-        sum_above = float(self.p1[-1] - self.p1[i])
-        return sum_above / (kappa * i + above), above
-
-    def mse(self, s: float, n: int, rounding: Rounding) -> float:
-        """Exact MSE of this quantizer at threshold s (NEAREST: realized, STOCHASTIC:
-        expected). The level set is symmetric, so |x| has the error of x; the
-        nonnegative levels are l_k = (2k + 1) s / n, k = 0..(n-1)/2, the top one is s.
-        """
-        step = 2.0 * s / n
-        top = (n - 1) // 2
-        if rounding is Rounding.NEAREST:
-            # bin k = [k step, (k+1) step) -> l_k (ties go up); the top bin is [top step,
-            # inf) -> s, which covers clipping.
-            edges = step * np.arange(1, top + 1)
-            cnt, s1, s2 = self.moments(edges)
-            levels = step * (np.arange(top + 1) + 0.5)
-            total = float(np.sum(s2 - 2.0 * levels * s1 + levels * levels * cnt))
-        else:
-            # between levels lo < a < hi: E err**2 = (a - lo)(hi - a); above s: (a - s)**2.
-            edges = step * (np.arange(top + 1) + 0.5)  # l_0..l_top (= s)
-            cnt, s1, s2 = self.moments(edges)
-            lo = np.concatenate(([-edges[0]], edges[:-1]))
-            hi = edges
-            inside = -s2[:-1] + (lo + hi) * s1[:-1] - lo * hi * cnt[:-1]
-            clipped = s2[-1] - 2.0 * s * s1[-1] + s * s * cnt[-1]
-            total = float(np.sum(inside)) + float(clipped)
-        return max(total, 0.0) / self.m
-
-
-def _golden_min(f: Callable[[float], float], lo: float, hi: float, *, rel_tol: float) -> float:
-    """Golden-section search for a minimum of f on [lo, hi]."""
-    inv_phi = (math.sqrt(5.0) - 1.0) / 2.0
-    c = hi - inv_phi * (hi - lo)
-    d = lo + inv_phi * (hi - lo)
-    fc, fd = f(c), f(d)
-    while hi - lo > rel_tol * hi:
-        if fc <= fd:
-            hi, d, fd = d, c, fc
-            c = hi - inv_phi * (hi - lo)
-            fc = f(c)
-        else:
-            lo, c, fc = c, d, fd
-            d = lo + inv_phi * (hi - lo)
-            fd = f(d)
-    return c if fc <= fd else d
-
-
 @functools.lru_cache(maxsize=64)
 def _octav_starts(size: int) -> np.ndarray:
-    """First indices of the _OCTAV_RUN-element runs of the OCTAV subsample (fixed seed)."""
-    strata = _OCTAV_SAMPLE // _OCTAV_RUN
-    width = size / strata  # > _OCTAV_RUN
-    rng = np.random.default_rng(_OCTAV_SAMPLE_SEED)
-    starts = (np.arange(strata) * width + rng.random(strata) * (width - _OCTAV_RUN)).astype(
-        np.int64
-    )
-    starts.flags.writeable = False
-    return starts
-
-
-def _octav_sample(flat: np.ndarray) -> np.ndarray:
-    """|x| as float64; above _OCTAV_SAMPLE elements a fixed-seed stratified subsample.
+    """First indices of the _OCTAV_RUN-element runs of the OCTAV subsample (fixed seed).
 
     The tensor is cut into _OCTAV_SAMPLE / _OCTAV_RUN strata; from each, one run of
     _OCTAV_RUN consecutive elements at a uniformly drawn offset is taken (runs keep the
     gather cache-friendly; strata spread it over the whole tensor).
     """
-    if flat.size > _OCTAV_SAMPLE:
-        starts = _octav_starts(flat.size)
-        idx = starts[:, None] + np.arange(_OCTAV_RUN)  # (strata, run)
-        flat = flat[idx.reshape(-1)]
-    return np.abs(flat, dtype=np.float64)
-
-
-def _octav_normalized(
-    a: np.ndarray, *, n: int, rounding: Rounding, max_iter: int, tol: float
-) -> float:
-    """OCTAV on magnitudes normalized to max(a) == 1; returns s in (0, 1]."""
-    mags = _SortedMagnitudes(a)
-    kappa = _kappa(n, rounding)
-    s = float(mags.p1[-1]) / mags.m  # s_0 = mean|x| > 0 since max(a) == 1
-    for _ in range(max_iter):
-        s_next, above = mags.fixed_point_step(s, kappa)
-        if above == 0:  # s >= max|x|: only rounding noise is left, J grows with s
-            s = 1.0
-            break
-        done = abs(s_next - s) <= tol * s
-        s = s_next
-        if done:
-            break
-    s = min(s, 1.0)
-
-    # Polish on the exact MSE of the quantizer actually used: the fixed point rests on
-    # the uniform-residual noise model, which is off by up to ~15% in s at 1-2 bits.
-    def objective(v: float) -> float:
-        return mags.mse(v, n, rounding)
-
-    grid = np.linspace(0.5 * s, min(1.5 * s, 1.0), 21)
-    values = [objective(float(v)) for v in grid]
-    best = int(np.argmin(values))
-    lo = float(grid[max(best - 1, 0)])
-    hi = float(grid[min(best + 1, grid.size - 1)])
-    polished = _golden_min(objective, lo, hi, rel_tol=1e-3)
-    return polished if objective(polished) <= values[best] else float(grid[best])
+    strata = _OCTAV_SAMPLE // _OCTAV_RUN
+    width = size / strata  # > _OCTAV_RUN
+    rng = np.random.default_rng(_OCTAV_SAMPLE_SEED)
+    offsets = np.arange(strata) * width + rng.random(strata) * (width - _OCTAV_RUN)
+    starts: np.ndarray = offsets.astype(np.int64)
+    starts.flags.writeable = False
+    return starts
 
 
 def octav_clip(
@@ -396,14 +229,15 @@ def octav_clip(
     polished by a 21-point scan over [0.5, 1.5] s_fp and a golden-section search on the
     exact MSE of this quantizer (realized MSE for NEAREST, expected MSE for STOCHASTIC),
     because the uniform-residual noise model is off by up to ~15% in s at 1-2 bits.
-    ``rounding`` picks the target; ``quantize`` passes the mode it uses. The result never
-    exceeds max|x|.
+    ``rounding`` picks the target; ``quantize`` with ``ClipRule.OCTAV`` uses the threshold
+    for the mode it rounds with. The result never exceeds max|x|.
 
     Cost: the magnitudes are sorted once; with prefix sums of |x| and x**2 each fixed-point
-    step is O(log m) and each exact MSE value O(n log m). Tensors with more than 2**16
-    elements use a fixed-seed stratified subsample of 2**16 magnitudes (1024 runs of 64
-    consecutive elements; deterministic; J is flat at its minimum, so the ~1% sampling
-    error in s costs well under 1% MSE). Returns 0.0 for empty or all-zero tensors.
+    step is O(log m) and each exact MSE value O(n log m) (kernel ``octav_solve``). Tensors
+    with more than 2**16 elements use a fixed-seed stratified subsample of 2**16
+    magnitudes (1024 runs of 64 consecutive elements; deterministic; J is flat at its
+    minimum, so the ~1% sampling error in s costs well under 1% MSE). Returns 0.0 for
+    empty or all-zero tensors.
     """
     n = 2 ** _check_bits(bits) - 1
     _check_rounding(rounding)
@@ -421,70 +255,24 @@ def octav_clip(
 def _octav_from_flat(
     flat: np.ndarray, amax: float, *, n: int, rounding: Rounding, max_iter: int, tol: float
 ) -> float:
-    if _kernels is not None:
-        if flat.size > _OCTAV_SAMPLE:
-            mags = _kernels.gather_abs(flat, _octav_starts(flat.size), _OCTAV_RUN)
-        else:
-            mags = np.abs(flat)
-        mags.sort()  # in the input's dtype (faster); |x| / amax is monotone in |x|
-        a = mags.astype(np.float64)
-        a /= amax  # scale-normalize: no overflow/underflow for 1e-30 or 1e30 magnitudes
-        nearest = rounding is Rounding.NEAREST
-        s = float(_kernels.octav_solve(a, n, nearest, _kappa(n, rounding), max_iter, tol))
+    """``octav_clip`` on a flat array with max|x| = ``amax`` > 0."""
+    if flat.size > _OCTAV_SAMPLE:
+        mags = _kernels.gather_abs(flat, _octav_starts(flat.size), _OCTAV_RUN)
     else:
-        a = _octav_sample(flat)
-        a /= amax
-        s = _octav_normalized(a, n=n, rounding=rounding, max_iter=max_iter, tol=tol)
+        mags = np.abs(flat)
+    mags.sort()  # in the input's dtype (faster); |x| / amax is monotone in |x|
+    a = mags.astype(np.float64)
+    a /= amax  # scale-normalize: no overflow/underflow for 1e-30 or 1e30 magnitudes
+    nearest = rounding is Rounding.NEAREST
+    s = float(_kernels.octav_solve(a, n, nearest, _kappa(n, rounding), max_iter, tol))
     return min(s * amax, amax)
-
-
-def clip_threshold(
-    x: torch.Tensor, *, bits: int, rule: ClipRule, rounding: Rounding = Rounding.NEAREST
-) -> float:
-    """Clip threshold s for ``x``: ``max|x|`` (MAX) or ``octav_clip`` (OCTAV).
-
-    ``rounding`` only matters for OCTAV (which rounding error the threshold minimizes).
-    Returns 0.0 for empty tensors.
-    """
-    _check_bits(bits)
-    if not isinstance(rule, ClipRule):
-        raise ValueError(f"`rule` must be a ClipRule. Found `{rule!r}`.")
-    _check_rounding(rounding)
-    if rule is ClipRule.OCTAV:
-        return octav_clip(x, bits=bits, rounding=rounding)
-    return _abs_max(_flat_numpy(_check_tensor(x)))
 
 
 # ----------------------------------------------------------------------------- quantizer
 
 
-@functools.cache
-def _executor(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedquant-quantize")
-
-
-def _worker_count(size: int) -> int:
-    return max(1, min(torch.get_num_threads(), _CPUS, size // _PARALLEL_MIN))
-
-
-def _run_parts(
-    fn: Callable[[int, int], float],
-    size: int,
-    align: int,
-    reduce: Callable[[Iterable[float]], float] = sum,
-) -> float:
-    """Split [0, size) into per-worker ranges aligned to ``align``; reduce fn's results."""
-    workers = _worker_count(size)
-    if workers == 1:
-        return fn(0, size)
-    blocks = -(-size // align)
-    bounds = [min(size, (blocks * w // workers) * align) for w in range(workers + 1)]
-    parts = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
-    return reduce(_executor(workers).map(lambda p: fn(*p), parts))
-
-
 def _multiplier(s: float, n: int, dtype: type[np.floating], *, exact_max: bool) -> np.floating:
-    """a = n / (2 s) in ``dtype``; rounded down for MAX so that fl(s * a) <= n / 2."""
+    """Multiplier a = n / (2 s) in ``dtype``; rounded down for MAX: fl(s * a) <= n / 2."""
     half = dtype(0.5 * n)
     a = dtype(0.5 * n / s)
     if exact_max:
@@ -495,104 +283,19 @@ def _multiplier(s: float, n: int, dtype: type[np.floating], *, exact_max: bool) 
 
 
 def _quantize_flat(
-    flat: np.ndarray,
-    codes: np.ndarray,
-    *,
-    a: np.floating,
-    n: int,
-    needs_clip: bool,
-    seed: int | None,
+    flat: np.ndarray, codes: np.ndarray, *, a: np.floating, n: int, seed: int | None
 ) -> float:
     """Write the codes into ``codes`` (uint8) and return sum((u - level_u)**2).
 
-    ``seed`` None: nearest rounding, else stochastic rounding with that stream. The numba
-    kernels when available (they always clip, which costs nothing there), else numpy.
+    ``seed`` None: nearest rounding (kernel ``quantize_nearest``), else stochastic
+    rounding with the stream ``seed`` (kernel ``quantize_stochastic``).
     """
-    if _kernels is None:
-        return _quantize_flat_numpy(flat, codes, a=a, n=n, needs_clip=needs_clip, seed=seed)
     dtype = flat.dtype.type
     if seed is None:
         consts = np.array([a, 0.5 * n, 0.5], dtype)
-        offset = (n + 1) // 2
-
-        def nearest(lo: int, hi: int) -> float:
-            return float(_kernels.quantize_nearest(flat[lo:hi], codes[lo:hi], consts, offset))
-
-        return _run_parts(nearest, flat.size, _kernels.BLOCK)
+        return float(_kernels.quantize_nearest(flat, codes, consts, (n + 1) // 2))
     consts = np.array([a, 0.5 * n, _DITHER_SCALE], dtype)
-    key = np.uint64(seed)
-
-    def stochastic(lo: int, hi: int) -> float:
-        return float(_kernels.quantize_stochastic(flat[lo:hi], codes[lo:hi], consts, key, lo))
-
-    return _run_parts(stochastic, flat.size, _kernels.BLOCK)
-
-
-def _quantize_flat_numpy(
-    flat: np.ndarray,
-    codes: np.ndarray,
-    *,
-    a: np.floating,
-    n: int,
-    needs_clip: bool,
-    seed: int | None,
-) -> float:
-    """``_quantize_flat`` in numpy (the fallback without numba), in cache-sized chunks.
-
-    u = x * a; level_u = floor(z) + 1/2 with z = clip(u) (+ V for stochastic rounding).
-    Stochastic rounding here uses 16 random bits per element: V = (k + 1/2) 2**-16 - 1/2,
-    k from a numpy SFC64 stream per block of 2**20 elements, seeded from ``seed``.
-    """
-    dtype = flat.dtype.type
-    half = dtype(0.5 * n)
-    codes8 = codes.view(np.int8)
-    point_five = dtype(0.5)
-    offset = np.uint8((n + 1) // 2)
-    noise_scale = dtype(2.0**-_RNG_BITS)
-    noise_shift = dtype(2.0 ** -(_RNG_BITS + 1) - 0.5)  # V = (k + 1/2) 2**-16 - 1/2
-
-    def work(lo: int, hi: int) -> float:
-        size = min(_CHUNK, hi - lo)
-        u_buf = np.empty(size, dtype)
-        z_buf = np.empty(size, dtype)
-        c_buf = np.empty(size, dtype) if needs_clip and seed is not None else None
-        rng: np.random.SFC64 | None = None
-        sse = 0.0
-        for i in range(lo, hi, _CHUNK):
-            j = min(i + _CHUNK, hi)
-            u = u_buf[: j - i]
-            z = z_buf[: j - i]
-            np.multiply(flat[i:j], a, out=u)
-            if seed is not None:
-                if i % _RNG_BLOCK == 0 or rng is None:
-                    block = i // _RNG_BLOCK
-                    rng = np.random.SFC64(np.random.SeedSequence(seed, spawn_key=(block,)))
-                words = -(-(j - i) * _RNG_BITS // 64)
-                k = rng.random_raw(words).view(np.uint16)[: j - i]
-                np.multiply(k, noise_scale, out=z)
-                np.add(z, noise_shift, out=z)
-                if c_buf is not None:
-                    clipped = c_buf[: j - i]
-                    np.clip(u, -half, half, out=clipped)
-                    np.add(z, clipped, out=z)
-                else:
-                    np.add(z, u, out=z)
-                src = z
-            elif needs_clip:
-                np.clip(u, -half, half, out=z)
-                src = z
-            else:
-                src = u
-            np.floor(src, out=z)
-            np.copyto(codes8[i:j], z, casting="unsafe")
-            # uint8 wrap-around: (c - (n+1)/2) mod 256 + (n+1)/2 = c
-            np.add(codes[i:j], offset, out=codes[i:j])
-            np.subtract(u, z, out=u)
-            np.subtract(u, point_five, out=u)
-            sse += float(np.dot(u, u))
-        return sse
-
-    return _run_parts(work, flat.size, _RNG_BLOCK if seed is not None else _CHUNK)
+    return float(_kernels.quantize_stochastic(flat, codes, consts, np.uint64(seed)))
 
 
 def _direct_mse(flat: np.ndarray, codes: np.ndarray, *, s: float, n: int) -> float:
@@ -622,14 +325,16 @@ def quantize(
     """Quantize ``x`` to ``bits``-bit codes with clip threshold s (Bozorgasl & Chen 2024).
 
     ``y = clip(x, -s, s)/(2s) + 1/2``, ``c = floor(n y + U)`` (STOCHASTIC, U ~ U[0, 1))
-    or ``floor(n y + 1/2)`` (NEAREST), ``x_hat = s (2c/n - 1)``, n = 2**bits - 1.
+    or ``floor(n y + 1/2)`` (NEAREST), ``x_hat = s (2c/n - 1)``, n = 2**bits - 1
+    (Bozorgasl & Chen, arXiv 2405.13365, Sec. II).
 
     ``clip``: a ClipRule (MAX: s = max|x|; OCTAV: ``octav_clip`` targeting ``rounding``)
     or an explicit threshold s >= 0. With s = 0 every code is 2**(bits-1) and x_hat = 0.
     ``generator`` is required for STOCHASTIC rounding (randomness is never seeded from
     the clock); it advances by one draw per call. Computation runs on the CPU in float32
-    (float64 for float64 input or when float32 would over/underflow); ``codes`` is a CPU
-    uint8 tensor of the input's shape and ``mse`` is ``mean((x - x_hat)**2)``.
+    (float64 for float64 input or when float32 would over/underflow). Returns the codes
+    together with their error: ``codes`` is a CPU uint8 tensor of the input's shape and
+    ``mse = mean((x - x_hat)**2)``, accumulated in the same pass as the codes.
     """
     n = 2 ** _check_bits(bits) - 1
     _check_rounding(rounding)
@@ -637,8 +342,7 @@ def quantize(
         clip = _check_clip_value(clip)
     if rounding is Rounding.STOCHASTIC and not isinstance(generator, torch.Generator):
         raise ValueError(
-            "`generator` must be a torch.Generator for Rounding.STOCHASTIC. "
-            f"Found `{generator!r}`."
+            f"`generator` must be a torch.Generator for Rounding.STOCHASTIC. Found `{generator!r}`."
         )
     x = _check_tensor(x)
     shape = x.shape
@@ -666,10 +370,10 @@ def quantize(
         codes.fill((n + 1) // 2)
         mse = _direct_mse(flat, codes, s=0.0, n=n)
     else:
-        exact_max = clip is ClipRule.MAX  # then |u| <= n/2 holds without clipping
         work_flat, s_work = _work_array(flat, s, amax, n)
-        a = _multiplier(s_work, n, work_flat.dtype.type, exact_max=exact_max)
-        sse = _quantize_flat(work_flat, codes, a=a, n=n, needs_clip=not exact_max, seed=seed)
+        # MAX: round a down so that |u| <= n/2 holds without clipping
+        a = _multiplier(s_work, n, work_flat.dtype.type, exact_max=clip is ClipRule.MAX)
+        sse = _quantize_flat(work_flat, codes, a=a, n=n, seed=seed)
         mse = sse / flat.size / float(a) / float(a) * (s / s_work) ** 2
         if not math.isfinite(mse):
             mse = _direct_mse(flat, codes, s=s, n=n)
@@ -698,8 +402,10 @@ def _work_array(flat: np.ndarray, s: float, amax: float, n: int) -> tuple[np.nda
 def dequantize(codes: torch.Tensor, *, bits: int, clip: float) -> torch.Tensor:
     """Reconstruction ``x_hat = s (2c/n - 1)`` as float32, same shape as ``codes``.
 
-    Evaluated as ``(2c - n) * (s / n)`` in float64 and rounded once to float32, on the
-    CPU. ValueError if ``codes`` is not a uint8 tensor or holds a value above 2**bits - 1.
+    The levels of the clipped uniform quantizer (Bozorgasl & Chen, arXiv 2405.13365),
+    n = 2**bits - 1. Evaluated as ``(2c - n) * (s / n)`` in float64 and rounded once to
+    float32, on the CPU. ValueError if ``codes`` is not a uint8 tensor or holds a value
+    above 2**bits - 1.
     """
     n = 2 ** _check_bits(bits) - 1
     s = _check_clip_value(clip)
@@ -710,19 +416,5 @@ def dequantize(codes: torch.Tensor, *, bits: int, clip: float) -> torch.Tensor:
     top = int(flat.max()) if flat.size else 0
     if top > n:
         raise ValueError(f"`codes` must be <= {n} for bits={bits}. Found `{top}`.")
-    out = np.empty(flat.size, np.float32)
-    step = s / n
-
-    def work(lo: int, hi: int) -> float:
-        buf = np.empty(min(_CHUNK, hi - lo), np.float64)
-        for i in range(lo, hi, _CHUNK):
-            j = min(i + _CHUNK, hi)
-            b = buf[: j - i]
-            np.multiply(flat[i:j], 2.0, out=b)
-            np.subtract(b, float(n), out=b)
-            np.multiply(b, step, out=b)
-            np.copyto(out[i:j], b, casting="same_kind")
-        return 0.0
-
-    _run_parts(work, flat.size, _CHUNK)
-    return torch.from_numpy(out).reshape(codes.shape)
+    x_hat = (2.0 * flat.astype(np.float64) - n) * (s / n)  # float64
+    return torch.from_numpy(x_hat.astype(np.float32)).reshape(codes.shape)

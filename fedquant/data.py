@@ -26,7 +26,6 @@ asked for.
 from __future__ import annotations
 
 import contextlib
-import enum
 import functools
 import gzip
 import hashlib
@@ -41,6 +40,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from fedquant.config import Partitioning
+
 if TYPE_CHECKING:
     from flwr_datasets.partitioner import Partitioner
 
@@ -53,19 +54,6 @@ PIXELS = 784
 # Per-pixel mean and std of the MNIST training images (the usual normalization).
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 CODE_SCALE = 256  # pixel value x = code / 256, exactly, in the embedded file
-
-
-class Partitioning(enum.Enum):
-    """How the training split is divided among clients.
-
-    IID: a seeded shuffle cut into equal parts.
-    DIRICHLET: per class, client shares drawn from Dirichlet(alpha · 1); small alpha
-    gives each client few classes (Hsu et al. 2019, "Measuring the effects of
-    non-identical data distribution").
-    """
-
-    IID = "iid"
-    DIRICHLET = "dirichlet"
 
 
 class DataFileError(RuntimeError):

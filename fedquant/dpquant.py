@@ -39,7 +39,6 @@ Defaults for the constants the paper leaves open (β, α, C_a, σ_a, q_a, P):
 
 from __future__ import annotations
 
-import enum
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -54,6 +53,8 @@ import fedquant._opacus  # noqa: F401  (before Opacus: drops its root log handle
 # isort: on
 from opacus.optimizers.optimizer import _generate_noise
 from torch import nn
+
+from fedquant.config import QuantPolicy
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -83,23 +84,6 @@ DEFAULT_PERIOD = 2
 # Spawn keys separating the scheduler's random streams derived from one seed.
 _STATIC_STREAM = 0
 _EPOCH_STREAM = 1
-
-
-class QuantPolicy(enum.Enum):
-    """Which k = round(ratio · n) layers are quantized in an epoch.
-
-    NONE: no layer (k is ignored).
-    STATIC: one uniform random k-subset, drawn once from the seed, for the whole run
-      (the paper's "static" baseline).
-    RANDOM: a fresh uniform k-subset each epoch (PLS without priorities).
-    DPQUANT: a fresh k-subset each epoch by successive sampling without replacement from
-      π = softmax(-β L) (PLS + LLP).
-    """
-
-    NONE = "none"
-    STATIC = "static"
-    RANDOM = "random"
-    DPQUANT = "dpquant"
 
 
 def _is_real(value: object) -> bool:

@@ -27,7 +27,6 @@ changes of the format would not reach the per-sample gradients).
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -43,6 +42,8 @@ from opacus.grad_sample import register_grad_sampler
 from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
+from fedquant.config import ActScale, QuantFormat
+
 __all__ = [
     "DEFAULT_ACT_CLIP",
     "ActScale",
@@ -55,46 +56,6 @@ __all__ = [
     "quantized_indices",
     "set_quantized",
 ]
-
-
-class QuantFormat(enum.Enum):
-    """Low-precision number formats, each relative to a scale α > 0 (the largest magnitude).
-
-    INT8: symmetric uniform, Δ = α/127, q(x) = Δ · clamp(round(x/Δ), -127, 127).
-    INT4: symmetric uniform, Δ = α/7,   q(x) = Δ · clamp(round(x/Δ), -7, 7).
-        ``round`` is round-half-to-even; for |x| ≤ α the error is at most Δ/2, larger
-        magnitudes saturate at ±α.
-    FP4: radix-2 4-bit float as in LUQ (Chmiel et al., ICLR 2023, "Accurate Neural Training
-        with 4-bit Matrix Multiplications at Standard Formats", Sec. 3/4): 1 sign bit and
-        3 exponent bits, no mantissa, so the magnitudes are {0} ∪ {α · 2^-j, j = 0..6}
-        (eight codes per sign; code 0 is zero). Rounding is in the log domain:
-        |q(x)| = α · 2^clamp(round(log2(|x|/α)), -6, 0), i.e. to the power of two nearest
-        in log2 (the boundary between α2^-j-1 and α2^-j is their geometric mean).
-        Underflow: |x| < α · 2^-7 (half the smallest nonzero level, the linear-domain
-        midpoint between 0 and α2^-6) flushes to 0. LUQ's backward pass uses stochastic
-        underflow and stochastic rounding on *gradients*; here FP4 is applied
-        deterministically to weights and activations in the forward pass (DPQuant's
-        fake quantization), gradients stay in float.
-    """
-
-    INT8 = "int8"
-    INT4 = "int4"
-    FP4 = "fp4"
-
-
-class ActScale(enum.Enum):
-    """How a Q-layer chooses the scale α of its input activation (batch dimension first).
-
-    PER_SAMPLE: α_b = max |x_b| over sample b's own features (all non-batch dimensions).
-        Samples do not interact, so per-sample gradients stay exact (a per-batch max would
-        couple them).
-    FIXED: α = the layer's ``act_clip`` attribute, a constant (default ``DEFAULT_ACT_CLIP``
-        = 8.0, chosen for inputs normalized to unit scale, e.g. normalized MNIST pixels
-        lie in [-0.43, 2.8]); larger magnitudes saturate at ±α.
-    """
-
-    PER_SAMPLE = "per-sample"
-    FIXED = "fixed"
 
 
 DEFAULT_ACT_CLIP = 8.0

@@ -8,19 +8,14 @@ unless ``fakequant.set_quantized`` selects them (DPQuant's per-epoch layer choic
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+from fedquant.config import ModelName
 from fedquant.data import Split
 from fedquant.fakequant import QConv2d, QLinear
-
-
-class ModelName(enum.Enum):
-    CNN = "cnn"
-    RESNET = "resnet"
 
 
 class MnistCnn(nn.Module):

@@ -8,33 +8,29 @@ in the last byte are written as zero; ``unpack_codes`` ignores them.
 
 8 codes (a uint64 of 8 bytes) hold 8*B payload bits, so packing is a compress of byte
 lanes inside each uint64 in three halving steps (bytes -> 16-bit -> 32-bit -> 64-bit
-lanes), after which the low B bytes of every group are kept. ``pack_codes`` runs this
-in one pass in a numba kernel (``fedquant._kernels.pack_words``, which also checks the
-code range) when numba is installed and the host is little-endian, else vectorized with
-numpy, where widths 1, 2, 4 and 8 use shorter special cases. Unpacking uses numpy.
+lanes), after which the payloads are concatenated. ``pack_codes`` runs this in one pass
+in the numba kernel ``fedquant._kernels.pack_words`` (which also checks the code range;
+numba is a required dependency); width 8 is a plain copy. ``unpack_codes`` runs the
+inverse expand, vectorized with numpy (widths 1, 2 and 4 take shorter special cases).
 """
 
 from __future__ import annotations
 
 import functools
-import sys
 import threading
 
 import numpy as np
 import torch
 
-from fedquant.backend import load_kernels
+from fedquant import _kernels
 
 __all__ = ["pack_codes", "packed_size", "unpack_codes"]
 
 _GROUP = 8  # codes per uint64 group
-_CHUNK = 1 << 16  # codes per block processed at once (a multiple of _GROUP; cache-sized)
+_CHUNK = 1 << 16  # codes per block unpacked at once (a multiple of _GROUP; cache-sized)
 _SUPER = 64  # codes per group of the numba packer (8 * bits bytes, i.e. bits uint64 words)
 _SCRATCH_WORDS = 1 << 19  # largest per-thread scratch kept between calls (4 MiB)
 _scratch = threading.local()
-
-
-_kernels = load_kernels()  # None without numba
 
 
 def _check_bits(bits: object) -> int:
@@ -92,33 +88,17 @@ def _to_flat_uint8(codes: torch.Tensor | np.ndarray) -> np.ndarray:
 def pack_codes(codes: torch.Tensor | np.ndarray, *, bits: int) -> bytes:
     """Pack uint8 codes (each < 2**bits) densely, ``packed_size(codes.size)`` bytes.
 
-    ValueError if ``bits`` is not in 1..8, the dtype is not uint8, or a code is too large.
+    Code i occupies bits ``[B i, B (i + 1))`` of the little-endian bit stream (module
+    docstring). ValueError if ``bits`` is not in 1..8, the dtype is not uint8, or a code
+    is too large.
     """
     bits = _check_bits(bits)
     flat = _to_flat_uint8(codes)
-    count = flat.size
-    if count == 0:
+    if flat.size == 0:
         return b""
-    if _kernels is not None and bits < 8 and sys.byteorder == "little":
-        return _pack_numba(flat, bits)
-    if bits < 8:
-        top = int(flat.max())
-        if top >= 1 << bits:
-            raise ValueError(f"`codes` must be < 2**bits = {1 << bits}. Found `{top}`.")
     if bits == 8:
         return flat.tobytes()
-    if bits == 1:
-        return np.packbits(flat, bitorder="little").tobytes()
-    whole = count - count % _GROUP  # codes in complete groups of 8
-    out = np.empty(packed_size(whole + (_GROUP if whole < count else 0), bits=bits), np.uint8)
-    for start in range(0, whole, _CHUNK):  # cache-sized blocks
-        stop = min(start + _CHUNK, whole)
-        _pack_block(flat[start:stop], out[start * bits // 8 : stop * bits // 8], bits)
-    if whole < count:  # last, partial group: zero-padded, so the pad bits are zero
-        tail = np.zeros(_GROUP, np.uint8)
-        tail[: count - whole] = flat[whole:]
-        _pack_block(tail, out[whole * bits // 8 :], bits)
-    return out[: packed_size(count, bits=bits)].tobytes()
+    return _pack_words(flat, bits)
 
 
 @functools.cache
@@ -145,10 +125,11 @@ def _words_buffer(size: int) -> np.ndarray:
     return buffer[:size]
 
 
-def _pack_numba(flat: np.ndarray, bits: int) -> bytes:
-    """``pack_codes`` for bits < 8 with the numba kernel: 64 codes -> ``bits`` uint64 words
-    (native little-endian), the last partial group zero-padded."""
-    assert _kernels is not None
+def _pack_words(flat: np.ndarray, bits: int) -> bytes:
+    """``pack_codes`` for bits < 8: 64 codes -> ``bits`` uint64 words (``pack_words``).
+
+    The last partial group is zero-padded, so the pad bits are zero.
+    """
     count = flat.size
     whole = count - count % _SUPER
     words = _words_buffer(-(-count // _SUPER) * bits)
@@ -161,31 +142,8 @@ def _pack_numba(flat: np.ndarray, bits: int) -> bytes:
     if seen & ~(0x0101010101010101 * ((1 << bits) - 1)):
         top = int(flat.max())
         raise ValueError(f"`codes` must be < 2**bits = {1 << bits}. Found `{top}`.")
-    return words.view(np.uint8)[: packed_size(count, bits=bits)].tobytes()
-
-
-def _pack_block(block: np.ndarray, out: np.ndarray, bits: int) -> None:
-    """Pack ``block`` (uint8, length a multiple of 8) into ``out`` (len * bits / 8 bytes)."""
-    if bits == 4:
-        words = block.view("<u2")  # (c0 | c1 << 8) per word
-        packed = words >> np.uint16(4)
-        packed |= words  # low byte: c0 | c1 << 4
-        np.copyto(out, packed, casting="unsafe")  # keeps the low byte
-        return
-    if bits == 2:
-        words = block.view("<u4")  # c0 | c1 << 8 | c2 << 16 | c3 << 24
-        packed = words >> np.uint32(6)
-        packed |= words  # 16-bit lanes: c_even | c_odd << 2
-        packed |= packed >> np.uint32(12)  # low byte: c0 | c1 << 2 | c2 << 4 | c3 << 6
-        np.copyto(out, packed, casting="unsafe")
-        return
-    groups = block.view("<u8")  # (G,): byte j holds code 8g + j
-    for shift, low, high in _lane_masks(bits):
-        groups = (groups & np.uint64(low)) | ((groups & np.uint64(high)) >> np.uint64(shift))
-    wide = _le_bytes(groups).reshape(-1, _GROUP)  # (G, 8); payload in bytes 0..bits-1
-    narrow = out.reshape(-1, bits)  # (G, bits)
-    for j in range(bits):  # column copies: much faster than one (G, bits) 2-D copy
-        narrow[:, j] = wide[:, j]
+    raw = words.view(np.uint8) if bits == 4 else _le_bytes(words)  # width 4 writes bytes
+    return raw[: packed_size(count, bits=bits)].tobytes()
 
 
 def _padded(flat: np.ndarray, multiple: int) -> np.ndarray:
@@ -237,7 +195,12 @@ def unpack_codes(data: bytes, *, bits: int, count: int) -> np.ndarray:
 
 
 def _unpack_block(block: np.ndarray, out: np.ndarray, bits: int) -> None:
-    """Inverse of ``_pack_block``: ``block`` holds len(out) * bits / 8 bytes."""
+    """Expand ``block`` (len(out) * bits / 8 bytes) into the codes ``out``.
+
+    Widths 4 and 2 spread the codes of a byte over 16- and 32-bit lanes; other widths
+    copy each group's ``bits`` bytes into a uint64 and undo the three compress steps of
+    ``_lane_masks`` in reverse.
+    """
     if bits == 4:
         words = block.astype(np.uint16)  # c0 | c1 << 4
         words |= words << np.uint16(4)

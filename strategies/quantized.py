@@ -71,16 +71,17 @@ from flwr.supercore import log
 from fedquant.aggregate import (
     AggregationRule,
     ErrorWeighted,
+    OrderStatistic,
     SampleWeighted,
     TrimmedMean,
     WeightedRule,
     aggregate_tensors,
-    OrderStatistic,
     cap_shares,
     norm_clip_scales,
     resolve_rule,
     update_norm,
 )
+from fedquant.codec import rounding_error_floor
 from fedquant.config import ConfigError, PayloadMode, RunConfig
 from fedquant.payload import (
     CODES_KEY,
@@ -92,7 +93,6 @@ from fedquant.payload import (
     decode_update,
     serialized_size,
 )
-from fedquant.codec import rounding_error_floor
 
 METRICS_KEY = "metrics"
 ARRAYS_KEY = "arrays"
@@ -827,43 +827,43 @@ def strategy_from_config(cfg: RunConfig) -> QuantizedStrategy:
     ConfigError naming the key.
     """
     sampling = {
-        "fraction_train": cfg.fraction_train,
-        "min_train_nodes": cfg.min_train_nodes,
+        "fraction_train": cfg.run.fraction_train,
+        "min_train_nodes": cfg.run.min_train_nodes,
         # The server loop waits (up to round-timeout) for every node; after that, a
         # dead one must not block sampling forever.
-        "min_available_nodes": cfg.min_train_nodes,
+        "min_available_nodes": cfg.run.min_train_nodes,
     }
     replies = {
-        "payload": cfg.payload,
-        "max_clip": cfg.max_clip,
-        "min_replies": cfg.min_replies,
-        "update_norm_factor": cfg.update_norm_factor,
-        "round_norm_factor": cfg.round_norm_factor,
+        "payload": cfg.codec.payload,
+        "max_clip": cfg.codec.max_clip,
+        "min_replies": cfg.robust.min_replies,
+        "update_norm_factor": cfg.robust.update_norm_factor,
+        "round_norm_factor": cfg.robust.round_norm_factor,
         "limits": ReplyLimits(
-            max_epsilon=cfg.target_epsilon if cfg.dp else None,
-            max_num_examples=cfg.max_num_examples,
-            max_speedup=cfg.low_precision_speedup,
+            max_epsilon=cfg.dp.target_epsilon if cfg.dp.enabled else None,
+            max_num_examples=cfg.robust.max_num_examples,
+            max_speedup=cfg.dpquant.low_precision_speedup,
         ),
     }
     try:
-        if cfg.aggregator.startswith(STOCK_PREFIX):
-            name = cfg.aggregator[len(STOCK_PREFIX) :]
+        if cfg.robust.aggregator.startswith(STOCK_PREFIX):
+            name = cfg.robust.aggregator[len(STOCK_PREFIX) :]
             stock = getattr(flwr_strategies, name, None)
             if not (isinstance(stock, type) and issubclass(stock, FedAvg)):
                 raise ValueError(f"flwr.serverapp.strategy has no FedAvg-family strategy {name!r}")
             return QuantizedStrategy(
                 base=central_evaluation(stock, **sampling), rule=None, **replies
             )
-        rule: AggregationRule | str = cfg.aggregator
-        cap = cfg.weight_cap or math.inf  # 0: no cap
-        if cfg.aggregator == "error-weighted":
-            rule = ErrorWeighted(floor=cfg.mse_floor, cap=cap)
-        elif cfg.aggregator == "fedavg":
+        rule: AggregationRule | str = cfg.robust.aggregator
+        cap = cfg.robust.weight_cap or math.inf  # 0: no cap
+        if cfg.robust.aggregator == "error-weighted":
+            rule = ErrorWeighted(floor=cfg.codec.mse_floor, cap=cap)
+        elif cfg.robust.aggregator == "fedavg":
             rule = SampleWeighted(cap=cap)
-        elif cfg.aggregator == "trimmed-mean":
-            rule = TrimmedMean(byzantine=cfg.byzantine_clients)
+        elif cfg.robust.aggregator == "trimmed-mean":
+            rule = TrimmedMean(byzantine=cfg.robust.byzantine_clients)
         return QuantizedStrategy(
             base=central_evaluation(FedAvg, **sampling), rule=rule, **replies
         )
     except ValueError as err:
-        raise ConfigError("aggregator", cfg.aggregator, str(err)) from err
+        raise ConfigError("aggregator", cfg.robust.aggregator, str(err)) from err

@@ -21,8 +21,8 @@ from sims.bench.private import (
     cells,
     estimator_share,
     findings_table,
-    parse_args,
     pareto_plot,
+    parse_args,
     target_table,
     verdicts,
 )
@@ -169,8 +169,8 @@ def test_estimator_diagnostic_on_a_saved_model(tmp_path) -> None:
     """Noise sd is σ_a C_a / (q_a |D|) = 3 / (0.05 · 5000) = 0.012 for 10 clients; the best
     subset is never worse than DPQuant or uniform selection."""
     from fedquant.models import ModelName, build_model
-    from sims.bench.private import estimator_diagnostic
     from sims.app.checkpoint import Checkpoint, save_checkpoint
+    from sims.bench.private import estimator_diagnostic
 
     model = build_model(ModelName.CNN, seed=3)
     arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}

@@ -20,8 +20,8 @@ from sims.app.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from sims.launch.inprocess import InProcessGrid
 from sims.app.server_app import run
+from sims.launch.inprocess import InProcessGrid
 from strategies.quantized import strategy_from_config
 
 
@@ -45,18 +45,18 @@ def test_checkpoint_round_trip_and_atomic_replace(tmp_path: Path) -> None:
 
 
 def test_resume_refuses_a_different_experiment() -> None:
-    checkpoint = Checkpoint(2, {}, RunConfig(bits=4).to_flower(), {}, {})
-    longer = RunConfig(bits=4, num_server_rounds=9, resume=True, round_timeout=5.0)
+    checkpoint = Checkpoint(2, {}, RunConfig.from_flower({"bits": 4}).to_flower(), {}, {})
+    longer = RunConfig.from_flower({"bits": 4, "num-server-rounds": 9, "resume": True, "round-timeout": 5.0})
     check_same_experiment(checkpoint, longer.to_flower())  # more rounds: the same run
     with pytest.raises(ConfigError, match="'bits' = 2.*checkpoint"):
-        check_same_experiment(checkpoint, RunConfig(bits=2).to_flower())
+        check_same_experiment(checkpoint, RunConfig.from_flower({"bits": 2}).to_flower())
 
 
 class RecordingGrid(InProcessGrid):
     """Records the rounds it is asked to run; the SuperLink dies at ``crash_round``."""
 
     def __init__(self, cfg: RunConfig, *, crash_round: int | None = None) -> None:
-        super().__init__(client_app, num_nodes=cfg.num_supernodes, run_config=cfg.to_flower())
+        super().__init__(client_app, num_nodes=cfg.run.num_supernodes, run_config=cfg.to_flower())
         self.crash_round = crash_round
         self.rounds: list[int] = []
 
@@ -101,24 +101,24 @@ def test_resume_ends_with_the_uninterrupted_result(tmp_path: Path, overrides: di
     broken = config("broken")
     with pytest.raises(ConnectionError):
         run_with(RecordingGrid(broken, crash_round=3), broken)
-    saved = load_checkpoint(broken.out_dir)
+    saved = load_checkpoint(broken.run.out_dir)
     assert saved is not None and saved.server_round == 2
 
     # Everything restarts: a new ServerApp and new client processes (empty contexts).
     resumed = config("broken", resume=True)
     assert run_with(RecordingGrid(resumed), resumed).rounds == [3]  # rounds 1-2 not rerun
 
-    final_whole, final_resumed = load_checkpoint(whole.out_dir), load_checkpoint(resumed.out_dir)
+    final_whole, final_resumed = load_checkpoint(whole.run.out_dir), load_checkpoint(resumed.run.out_dir)
     assert final_whole is not None and final_resumed is not None
     assert final_resumed.server_round == 3
     for name, value in final_whole.arrays.items():
         np.testing.assert_array_equal(final_resumed.arrays[name], value, err_msg=name)
-    results_whole = json.loads(Path(whole.out_dir, "results.json").read_text())
+    results_whole = json.loads(Path(whole.run.out_dir, "results.json").read_text())
     rows_whole = results_whole["rounds"]
-    rows_resumed = json.loads(Path(resumed.out_dir, "results.json").read_text())["rounds"]
+    rows_resumed = json.loads(Path(resumed.run.out_dir, "results.json").read_text())["rounds"]
     # What seeded noise gives up is written down with the results.
-    assert results_whole["warnings"] == ([whole.privacy_warning] if whole.dp else [])
+    assert results_whole["warnings"] == ([whole.privacy_warning] if whole.dp.enabled else [])
     assert rows_resumed == rows_whole  # accuracy, epsilon, bytes: every round, every column
-    if whole.dp:
+    if whole.dp.enabled:
         epsilons = [r["epsilon-max"] for r in rows_whole]
-        assert 0 < epsilons[0] < epsilons[1] < epsilons[2] <= whole.target_epsilon
+        assert 0 < epsilons[0] < epsilons[1] < epsilons[2] <= whole.dp.target_epsilon

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fedquant.config import ConfigError, PayloadMode, RunConfig
 from fedquant.codec import ClipRule, Rounding
+from fedquant.config import ConfigError, PayloadMode, RunConfig
 from sims.launch.run import default_run_config
 
 
@@ -17,11 +17,11 @@ def test_parses_flower_values() -> None:
     cfg = RunConfig.from_flower(
         {"bits": 2, "clip": "max", "rounding": "nearest", "payload": "weights", "lr": 1}
     )
-    assert (cfg.bits, cfg.clip, cfg.rounding, cfg.payload) == (
+    assert (cfg.codec.bits, cfg.codec.clip, cfg.codec.rounding, cfg.codec.payload) == (
         2, ClipRule.MAX, Rounding.NEAREST, PayloadMode.WEIGHTS,
     )
-    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
-    assert RunConfig.from_flower({"bits": 32}).quantized is False
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert RunConfig.from_flower({"bits": 32}).codec.quantized is False
 
 
 @pytest.mark.parametrize(
@@ -58,11 +58,11 @@ def test_min_replies_more_than_sampled_is_reported_as_impossible() -> None:
     with pytest.raises(ConfigError, match="'min-replies' = 3: impossible: only 2 clients"):
         RunConfig.from_flower({"num-supernodes": 10, "fraction-train": 0.2, "min-replies": 3})
     cfg = RunConfig.from_flower({"num-supernodes": 10, "fraction-train": 0.2, "min-replies": 2})
-    assert cfg.min_replies == 2
+    assert cfg.robust.min_replies == 2
 
 
 def test_seeded_dp_noise_is_opt_in_and_says_what_it_gives_up() -> None:
-    assert RunConfig().dp_noise_seeded is False and RunConfig().privacy_warning is None
+    assert RunConfig().dp.noise_seeded is False and RunConfig().privacy_warning is None
     seeded = RunConfig.from_flower({"dp-noise-seeded": True})
     assert seeded.privacy_warning is not None and "server" in seeded.privacy_warning
     assert RunConfig.from_flower({"dp-noise-seeded": True, "dp": False}).privacy_warning is None

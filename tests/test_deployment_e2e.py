@@ -10,6 +10,7 @@ still runs, whether or not the test passed.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import ssl
 import subprocess
@@ -25,20 +26,19 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedquant.config import ConfigError
+from sims.launch import deploy as launch_deploy
 from sims.launch.certs import subject_alt_names, write_supernode_keys, write_tls_files
 from sims.launch.deploy import (
     Deployment,
-    ProcessSet,
     SuperNode,
     deploy_overrides,
     deployment_superlink,
-    descendants,
     list_supernodes,
     online_node_ids,
     start_supernode,
-    submit_and_follow,
+    submit_deployment,
 )
-from sims.launch.run import APP_DIR
+from sims.launch.procs import ProcessSet, descendants
 
 # 2 rounds of plain local SGD with 4-bit updates: the fastest run that shows learning.
 RUN_CONFIG = 'num-server-rounds=2 bits=4 local-steps=20 dp=false quant-policy="none"'
@@ -148,7 +148,7 @@ def test_insecure_grpc_deployment(tmp_path: Path, started: list[ProcessSet]) -> 
         config = tomllib.loads((dep.flwr_home / "config.toml").read_text())
         assert config["superlink"]["fedquant-deploy"]["insecure"] is True
         nodes = [start_supernode(dep, i, num_partitions=2) for i in range(2)]
-        status = submit_and_follow(dep, overrides, stream=False, timeout_s=RUN_TIMEOUT_S)
+        status = submit_deployment(dep, overrides, stream=False, timeout_s=RUN_TIMEOUT_S)
         assert status["status"] == "finished:completed"
         assert all(n.launched.process.poll() is None for n in nodes)
         assert len(online_node_ids(dep)) == 2
@@ -186,9 +186,7 @@ def test_secure_grpc_deployment_refuses_unknown_and_plaintext_supernodes(
             dep, 0, num_partitions=2, insecure=True, name="plaintext", max_retries=1
         )
         assert unknown.keys is not None and plaintext.keys is None
-        status = submit_and_follow(
-            dep, overrides, stream=False, timeout_s=RUN_TIMEOUT_S
-        )
+        status = submit_deployment(dep, overrides, stream=False, timeout_s=RUN_TIMEOUT_S)
         assert status["status"] == "finished:completed"
 
         assert "Failed to activate SuperNode" in _wait_refused(unknown)
@@ -216,18 +214,20 @@ def test_deploy_overrides_name_the_bad_key(overrides: list[str], supernodes: int
     assert err.value.key == key
 
 
-def test_deploy_rejects_bad_config_before_starting(tmp_path: Path) -> None:
+def test_deploy_rejects_bad_config_before_starting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def must_not_start(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a SuperLink was started for a config that must be rejected")
+
+    monkeypatch.setattr(launch_deploy, "deployment_superlink", must_not_start)
     workdir = tmp_path / "deploy"
-    proc = subprocess.run(
-        [sys.executable, "-m", "sims.launch.deploy", "--workdir", str(workdir), "--run-config", "bits=9"],
-        cwd=APP_DIR,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2, proc.stderr
-    assert "'bits' = 9" in proc.stderr
-    assert "SuperLink" not in proc.stdout + proc.stderr
+    handler = signal.getsignal(signal.SIGTERM)
+    assert launch_deploy.main(["--workdir", str(workdir), "--run-config", "bits=9"]) == 2
+    assert signal.getsignal(signal.SIGTERM) is handler  # main gives the handler back
+    out = capsys.readouterr()
+    assert "'bits' = 9" in out.err
+    assert "SuperLink" not in out.out + out.err
     assert not workdir.exists()  # no certificate, log or process was made
 
 

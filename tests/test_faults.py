@@ -16,8 +16,8 @@ from fedquant.config import RunConfig
 from fedquant.dpquant import QuantPolicy
 from fedquant.models import build_model
 from sims.app.checkpoint import load_checkpoint
-from sims.launch.inprocess import InProcessGrid
 from sims.app.server_app import run
+from sims.launch.inprocess import InProcessGrid
 from strategies.quantized import strategy_from_config
 
 CRASHES, SILENT, DEAD = 3, 2, 4  # node ids
@@ -47,11 +47,7 @@ class FaultyGrid(InProcessGrid):
 
 
 def faulty_run(tmp_path: Path, *, min_replies: int) -> tuple[RunConfig, list[dict]]:
-    cfg = RunConfig(
-        num_supernodes=4, num_server_rounds=2, local_steps=10, dp=False,
-        quant_policy=QuantPolicy.NONE, min_replies=min_replies,
-        round_timeout=1.0, out_dir=str(tmp_path),
-    )
+    cfg = RunConfig.from_flower({"num-supernodes": 4, "num-server-rounds": 2, "local-steps": 10, "dp": False, "quant-policy": QuantPolicy.NONE, "min-replies": min_replies, "round-timeout": 1.0, "out-dir": str(tmp_path)})
     grid = FaultyGrid(client_app, num_nodes=4, run_config=cfg.to_flower())
     start = time.monotonic()
     run(grid, cfg, strategy_from_config(cfg))
@@ -74,7 +70,7 @@ def test_below_the_minimum_the_model_is_not_updated(tmp_path: Path) -> None:
     assert [row["skipped"] for row in rounds] == [1, 1]
     checkpoint = load_checkpoint(tmp_path)
     assert checkpoint is not None and checkpoint.server_round == 2
-    initial = build_model(cfg.model, seed=cfg.seed).state_dict()
+    initial = build_model(cfg.train.model, seed=cfg.run.seed).state_dict()
     for name, value in initial.items():
         np.testing.assert_array_equal(checkpoint.arrays[name], value.numpy(), err_msg=name)
     results = json.loads((tmp_path / "results.json").read_text())

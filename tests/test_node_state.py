@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -164,10 +163,10 @@ def test_budget_is_not_reset_by_a_restart(tmp_path: Path) -> None:
     reply = run_client(CFG, node(tmp_path), 4)  # the budget covers 3 planned rounds
     metrics = reply.content["metrics"]
     assert metrics["budget-exhausted"] == 1
-    assert metrics["epsilon"] <= CFG.target_epsilon
+    assert metrics["epsilon"] <= CFG.dp.target_epsilon
 
 
 def test_simulation_partitions_use_the_run_config_state_dir(tmp_path: Path) -> None:
-    cfg = dataclasses.replace(CFG, client_state_dir=str(tmp_path))
+    cfg = CFG.with_overrides({"client-state-dir": str(tmp_path)})
     run_client(cfg, node(None, cfg), 1)
     assert (tmp_path / "partition-0" / STATE_FILE).is_file()

@@ -8,21 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import fedquant.packing as packing_module
 from fedquant.packing import pack_codes, packed_size, unpack_codes
 
 WIDTHS = range(1, 9)
 SIZES = [0, 1, 7, 8, 9, 1000]
-
-
-@pytest.fixture(params=["numba", "numpy"])
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test on the numba packer and on the numpy one (the no-numba fallback)."""
-    if request.param == "numpy":
-        monkeypatch.setattr(packing_module, "_kernels", None)
-    elif packing_module._kernels is None:
-        pytest.skip("numba is not installed")
-    return str(request.param)
 
 
 def _oracle_bits(codes: np.ndarray, bits: int) -> bytes:
@@ -45,7 +34,7 @@ def _random_codes(size: int, bits: int, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("bits", WIDTHS)
 @pytest.mark.parametrize("size", SIZES)
-def test_round_trip_random_and_all_max(bits: int, size: int, backend: str) -> None:
+def test_round_trip_random_and_all_max(bits: int, size: int) -> None:
     all_max = np.full(size, 2**bits - 1, np.uint8)
     for codes in (_random_codes(size, bits, seed=size * 8 + bits), all_max):
         data = pack_codes(codes, bits=bits)
@@ -58,14 +47,14 @@ def test_round_trip_random_and_all_max(bits: int, size: int, backend: str) -> No
 
 @pytest.mark.parametrize("bits", WIDTHS)
 @pytest.mark.parametrize("size", [1, 3, 8, 13, 63, 64, 65, 128, 257, 4_099])
-def test_matches_independent_oracles(bits: int, size: int, backend: str) -> None:
+def test_matches_independent_oracles(bits: int, size: int) -> None:
     codes = _random_codes(size, bits, seed=bits * 1000 + size)
     data = pack_codes(codes, bits=bits)
     assert data == _oracle_bits(codes, bits)
     assert data == _oracle_int(codes, bits)  # also: pad bits of the last byte are zero
 
 
-def test_known_layout(backend: str) -> None:
+def test_known_layout() -> None:
     # 3-bit codes 1, 2, 7: bits 001 | 010 | 111 from the LSB: 0b1_1101_0001 -> d1 01
     assert pack_codes(np.array([1, 2, 7], np.uint8), bits=3) == bytes([0xD1, 0x01])
     assert pack_codes(np.array([1, 2, 3, 0], np.uint8), bits=2) == bytes([0b00_11_10_01])
@@ -82,7 +71,7 @@ def test_torch_input_and_c_order(bits: int) -> None:
     assert pack_codes(transposed, bits=bits) == pack_codes(transposed.contiguous(), bits=bits)
 
 
-def test_large_round_trip(backend: str) -> None:
+def test_large_round_trip() -> None:
     for bits in WIDTHS:
         codes = _random_codes(1_000_003, bits, seed=bits)
         out = unpack_codes(pack_codes(codes, bits=bits), bits=bits, count=codes.size)
@@ -128,7 +117,7 @@ def test_invalid_code_dtype(codes: object) -> None:
 
 
 @pytest.mark.parametrize("bits", range(1, 8))
-def test_code_too_large(bits: int, backend: str) -> None:
+def test_code_too_large(bits: int) -> None:
     for size, bad in ((10, 7), (200, 3), (200, 150), (200, 199)):  # in a full group or the tail
         codes = np.zeros(size, np.uint8)
         codes[bad] = 2**bits
@@ -191,7 +180,7 @@ def _canonical(data: bytes, bits: int, count: int) -> bytes:
     return value.to_bytes(len(data), "little")
 
 
-def test_read_only_input(backend: str) -> None:
+def test_read_only_input() -> None:
     codes = _random_codes(1_001, 5, seed=3)
     frozen = np.frombuffer(codes.tobytes(), np.uint8)  # read-only view of bytes
     assert not frozen.flags.writeable

@@ -14,6 +14,7 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedquant.codec import ClipRule, Rounding, dequantize, quantize
 from fedquant.packing import packed_size
 from fedquant.payload import (
     CODES_KEY,
@@ -25,7 +26,6 @@ from fedquant.payload import (
     encode_update,
     serialized_size,
 )
-from fedquant.codec import ClipRule, Rounding, dequantize, quantize
 
 SEED = 1234
 SHAPES: dict[str, tuple[int, ...]] = {

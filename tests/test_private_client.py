@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -43,7 +41,7 @@ def test_round_plan_charges_the_rate_opacus_charges(n: int, batch: int) -> None:
 
 
 def run_client(cfg: RunConfig, context: Context, server_round: int) -> Message:
-    model = build_model(cfg.model, seed=cfg.seed)
+    model = build_model(cfg.train.model, seed=cfg.run.seed)
     content = RecordDict(
         {
             "arrays": ArrayRecord(model.state_dict()),
@@ -65,20 +63,14 @@ def new_context(cfg: RunConfig, node_id: int = 7) -> Context:
     )
 
 
-CFG = RunConfig(
-    num_server_rounds=3,
-    local_steps=4,
-    batch_size=32,
-    target_epsilon=3.0,
-    quant_train_ratio=0.5,
-    dpquant_period=1,  # an estimate every epoch: its queries must be charged
+CFG = RunConfig.from_flower({"num-server-rounds": 3, "local-steps": 4, "batch-size": 32, "target-epsilon": 3.0, "quant-train-ratio": 0.5, "dpquant-period": 1},  # an estimate every epoch: its queries must be charged
 )
 
 
 def test_epsilon_is_cumulative_across_rounds_and_restarts() -> None:
     uninterrupted = new_context(CFG)
     epsilons = [run_client(CFG, uninterrupted, r).content["metrics"]["epsilon"] for r in (1, 2, 3)]
-    assert epsilons[0] < epsilons[1] < epsilons[2] <= CFG.target_epsilon
+    assert epsilons[0] < epsilons[1] < epsilons[2] <= CFG.dp.target_epsilon
 
     # A node that restarts every round: only what Context.state carries survives.
     restarted = new_context(CFG)
@@ -101,39 +93,39 @@ def test_epsilon_is_cumulative_across_rounds_and_restarts() -> None:
     expected = PrivacyLedger(
         [
             MechanismStep(sigma, plan.sample_rate, 12),
-            MechanismStep(CFG.dpquant_noise, CFG.dpquant_sample_rate, 3),
+            MechanismStep(CFG.dpquant.noise, CFG.dpquant.sample_rate, 3),
         ]
-    ).epsilon(delta=CFG.target_delta, accountant=CFG.accountant)
+    ).epsilon(delta=CFG.dp.target_delta, accountant=CFG.dp.accountant)
     assert epsilons[-1] == pytest.approx(expected, rel=1e-9)
     # And by Opacus' own PRV accountant (the default), from the raw recorded lists.
     opacus = PRVAccountant()
     opacus.history = [
         (sigma, plan.sample_rate, 12),
-        (CFG.dpquant_noise, CFG.dpquant_sample_rate, 3),
+        (CFG.dpquant.noise, CFG.dpquant.sample_rate, 3),
     ]
-    assert epsilons[-1] == pytest.approx(opacus.get_epsilon(delta=CFG.target_delta), rel=1e-9)
+    assert epsilons[-1] == pytest.approx(opacus.get_epsilon(delta=CFG.dp.target_delta), rel=1e-9)
     steps_by_noise: dict[float, int] = {}
     for noise, steps in zip(privacy["noise"], privacy["steps"], strict=True):
         steps_by_noise[noise] = steps_by_noise.get(noise, 0) + steps
-    assert steps_by_noise == {sigma: 12, CFG.dpquant_noise: 3}
+    assert steps_by_noise == {sigma: 12, CFG.dpquant.noise: 3}
 
 
 @pytest.mark.parametrize("accountant", list(Accountant))
 def test_budget_is_never_exceeded_and_exhaustion_is_a_status(accountant: Accountant) -> None:
-    cfg = dataclasses.replace(CFG, accountant=accountant)
+    cfg = CFG.with_overrides({"accountant": accountant})
     context = new_context(cfg)
     for r in (1, 2, 3):
-        assert run_client(cfg, context, r).content["metrics"]["epsilon"] <= cfg.target_epsilon
+        assert run_client(cfg, context, r).content["metrics"]["epsilon"] <= cfg.dp.target_epsilon
     # A fourth round was not planned: training it would exceed the budget.
     before = dict(context.state[PRIVACY_RECORD])
     reply = run_client(cfg, context, 4)
     metrics = reply.content["metrics"]
     assert metrics["budget-exhausted"] == 1 and set(reply.content.keys()) == {"metrics"}
-    assert metrics["epsilon"] <= cfg.target_epsilon
+    assert metrics["epsilon"] <= cfg.dp.target_epsilon
     assert dict(context.state[PRIVACY_RECORD]) == before  # nothing spent
 
     strategy = strategy_from_config(cfg)
-    strategy._global = ArrayRecord(build_model(CFG.model, seed=0).state_dict())
+    strategy._global = ArrayRecord(build_model(CFG.train.model, seed=0).state_dict())
     new, round_metrics = strategy.aggregate_train(4, [reply])
     assert new is None
     assert round_metrics["budget-exhausted"] == 1
@@ -156,7 +148,7 @@ def test_dpquant_state_persists_and_rotates() -> None:
 
 
 def test_impossible_target_is_reported() -> None:
-    cfg = RunConfig(num_server_rounds=3, local_steps=4, batch_size=32, target_epsilon=1e-4)
+    cfg = RunConfig.from_flower({"num-server-rounds": 3, "local-steps": 4, "batch-size": 32, "target-epsilon": 1e-4})
     with pytest.raises(ValueError, match="cannot be met"):
         run_client(cfg, new_context(cfg), 1)
 
@@ -168,11 +160,11 @@ def _reply_arrays(reply: Message) -> dict[str, bytes]:
 def test_default_dp_noise_is_secret_and_seeded_noise_is_opt_in() -> None:
     """Same run seed, round and partition: the server's values. By default two runs still
     draw different noise and batches; only dp-noise-seeded reproduces them."""
-    cfg = RunConfig(num_server_rounds=1, local_steps=2, batch_size=32, quant_policy="none")
+    cfg = RunConfig.from_flower({"num-server-rounds": 1, "local-steps": 2, "batch-size": 32, "quant-policy": "none"})
     first, second = (run_client(cfg, new_context(cfg), 1) for _ in range(2))
     assert _reply_arrays(first) != _reply_arrays(second)
 
-    seeded = dataclasses.replace(cfg, dp_noise_seeded=True)
+    seeded = cfg.with_overrides({"dp-noise-seeded": True})
     assert seeded.privacy_warning is not None and "not hold against the server" in (
         seeded.privacy_warning
     )
@@ -197,7 +189,7 @@ def test_private_engine_uses_opacus_secure_noise_and_the_given_generator() -> No
 
 @pytest.mark.parametrize("dp", [True, False])
 def test_reply_metrics_are_exactly_the_allowed_set(dp: bool) -> None:
-    cfg = dataclasses.replace(CFG, dp=dp)
+    cfg = CFG.with_overrides({"dp": dp})
     metrics = run_client(cfg, new_context(cfg), 1).content["metrics"]
     private_only = {"epsilon", "noise-multiplier"}
     assert set(metrics.keys()) == (REPLY_METRICS if dp else REPLY_METRICS - private_only)
@@ -207,7 +199,7 @@ def test_reply_metrics_are_exactly_the_allowed_set(dp: bool) -> None:
 def test_reply_metrics_do_not_depend_on_the_secret_randomness() -> None:
     """Two runs differ only in the OS-entropy draws (noise, Poisson batches): every
     metric is identical, so none of them reveals a realised batch or a loss."""
-    cfg = dataclasses.replace(CFG, quant_policy="random")
+    cfg = CFG.with_overrides({"quant-policy": "random"})
     first, second = (run_client(cfg, new_context(cfg), 1) for _ in range(2))
     assert _reply_arrays(first) != _reply_arrays(second)
     assert dict(first.content["metrics"]) == dict(second.content["metrics"])

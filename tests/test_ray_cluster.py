@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from sims.launch.procs import free_port
+from sims.launch.procs import free_port, process_tree
 from sims.launch.run import run_simulation
 
 pytestmark = pytest.mark.slow  # ~2 min on 2 cores: `make test-slow` (CI runs it)
@@ -63,22 +63,6 @@ def _group_members(pgid: int) -> set[int]:
     return {pid for pid in _all_pids() if _pgid(pid) == pgid}
 
 
-def _descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid in _all_pids():
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(pid)
-    found, todo = set(), [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
 def _session_pids(head: RayHead) -> set[int]:
     """PIDs the head's session logged: ``..._PID.log`` and ``...-PID.out/.err`` files.
 
@@ -101,16 +85,19 @@ def _mentions(pid: int, text: str) -> bool:
 
 
 def _ray_processes(head: RayHead) -> set[int]:
-    """Every live process of this head: its descendants, and any process named in
-    its session's logs or running with its temp dir on the command line."""
-    pids = _descendants(head.process.pid) | {head.process.pid}
+    """Every live process of this head.
+
+    Its process tree, and any process named in its session's logs or running with its
+    temp dir on the command line.
+    """
+    pids = set(process_tree(head.process.pid))
     pids |= {p for p in _session_pids(head) if _pgid(p) is not None}
     pids |= {p for p in _all_pids() if _mentions(p, str(head.temp_dir))}
     return {p for p in pids if _pgid(p) is not None}
 
 
 def _stop_head(head: RayHead, grace_s: float = 20.0) -> set[int]:
-    """killpg the head's group (TERM, then KILL); stop any escaped daemon by PID.
+    """Stop the head's process group (TERM, then KILL); any escaped daemon by PID.
 
     Returns the PIDs that were outside the head's process group.
     """

@@ -20,9 +20,9 @@ import pytest
 from clients.client_app import app as client_app
 from fedquant.config import ConfigError, RunConfig
 from fedquant.dpquant import QuantPolicy
-from sims.bench.attacks import ATTACKS, Attack, HostileGrid, metrics, scaled
 from sims.app.report import RunReport
 from sims.app.server_app import run
+from sims.bench.attacks import ATTACKS, Attack, HostileGrid, metrics, scaled
 from strategies.quantized import strategy_from_config
 
 CLIENTS, ROUNDS = 10, 5
@@ -33,11 +33,11 @@ def config(out: Path, **overrides: Any) -> RunConfig:
     """Non-private 4-bit runs of 5 rounds x 10 local steps; only the last round is
     evaluated (the assertions are on final accuracy and per-round counts)."""
     base: dict[str, Any] = {
-        "num_supernodes": CLIENTS, "num_server_rounds": ROUNDS, "local_steps": 10,
-        "batch_size": 64, "dp": False, "quant_policy": QuantPolicy.NONE, "bits": 4,
-        "eval_every": ROUNDS, "out_dir": str(out),
+        "num-supernodes": CLIENTS, "num-server-rounds": ROUNDS, "local-steps": 10,
+        "batch-size": 64, "dp": False, "quant-policy": QuantPolicy.NONE, "bits": 4,
+        "eval-every": ROUNDS, "out-dir": str(out),
     }
-    return RunConfig(**{**base, **overrides})
+    return RunConfig.from_flower({**base, **{k.replace("_", "-"): v for k, v in overrides.items()}})
 
 
 def attacked(out: Path, attacks: dict[int, Attack], **overrides: Any) -> dict[str, Any]:
@@ -187,4 +187,4 @@ def test_a_rule_that_cannot_tolerate_the_byzantine_count_fails_at_start(
     aggregator: str, byzantine: int, clients: int
 ) -> None:
     with pytest.raises(ConfigError, match=f"byzantine-clients.*{byzantine}.*cannot tolerate"):
-        RunConfig(aggregator=aggregator, byzantine_clients=byzantine, num_supernodes=clients)
+        RunConfig.from_flower({"aggregator": aggregator, "byzantine-clients": byzantine, "num-supernodes": clients})

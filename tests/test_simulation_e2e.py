@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sims.launch.run import APP_DIR, run_simulation
+from sims.launch import run as launch_run
+from sims.launch.flwr_cli import APP_DIR
+from sims.launch.run import run_simulation
 
 
 def test_quantized_fedavg_simulation_with_ray(tmp_path: Path) -> None:
@@ -64,21 +66,46 @@ def test_private_dpquant_simulation_with_ray(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("override", "key"),
-    [("bits=9", "bits"), ('clip="median"', "clip"), ('aggregator="nope"', "aggregator"),
-     ("no-such-key=1", "no-such-key"), ("lr=-1.0", "lr"),
-     ("target-epsilon=0.0001 num-server-rounds=50", "target-epsilon"),
-     ("min-replies=11", "min-replies"),
-     ('resume=true out-dir="/nonexistent/fedquant"', "client-state-dir")],
+    ("override", "key", "value"),
+    [
+        ("bits=9", "bits", 9),
+        ('clip="median"', "clip", "median"),
+        ('aggregator="nope"', "aggregator", "nope"),
+        ("no-such-key=1", "no-such-key", 1),
+        ("lr=-1.0", "lr", -1.0),
+        ("target-epsilon=0.0001 num-server-rounds=50", "target-epsilon", 0.0001),
+        ("min-replies=11", "min-replies", 11),
+        ('resume=true out-dir="/nonexistent/fedquant"', "client-state-dir", ""),
+    ],
 )
-def test_launcher_rejects_bad_config_before_starting(override: str, key: str) -> None:
+def test_launcher_rejects_bad_config_before_starting(
+    override: str,
+    key: str,
+    value: object,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(launch_run, "simulation_superlink", _must_not_start)
+    assert launch_run.main(["--run-config", override]) == 2
+    out = capsys.readouterr()
+    assert f"'{key}' = {value!r}" in out.err
+    assert "SuperLink" not in out.out + out.err
+
+
+def _must_not_start(*args: object, **kwargs: object) -> None:
+    raise AssertionError("a SuperLink was started for a config that must be rejected")
+
+
+def test_launcher_command_exits_2_on_a_bad_config() -> None:
+    """The one rejection through ``python -m``: the exit status reaches the shell."""
     proc = subprocess.run(
-        [sys.executable, "-m", "sims.launch.run", "--run-config", override],
+        [sys.executable, "-m", "sims.launch.run", "--run-config", "bits=9"],
         cwd=APP_DIR,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 2
-    assert f"'{key}'" in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "'bits' = 9" in proc.stderr
     assert "SuperLink" not in proc.stdout + proc.stderr

@@ -22,9 +22,9 @@ from flwr.app import (
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
 
 from fedquant.aggregate import ErrorWeighted, SampleWeighted, TrimmedMean, update_norm
+from fedquant.codec import ClipRule, Rounding
 from fedquant.config import ConfigError, PayloadMode, RunConfig
 from fedquant.payload import CODES_KEY, META_KEY, decode_update, encode_update, serialized_size
-from fedquant.codec import ClipRule, Rounding
 from strategies.quantized import QuantizedStrategy, ReplyLimits, strategy_from_config
 
 SHAPES = {"conv.weight": (4, 1, 3, 3), "conv.bias": (4,), "fc.weight": (10, 36), "fc.bias": (10,)}
@@ -242,11 +242,11 @@ def test_stock_fedadam_consumes_quantized_replies() -> None:
 
 
 def test_strategy_from_config_validates_aggregator() -> None:
-    assert strategy_from_config(RunConfig(aggregator="flwr:FedAdam")).rule is None
-    assert strategy_from_config(RunConfig(aggregator="fedavg")).rule is not None
+    assert strategy_from_config(RunConfig.from_flower({"aggregator": "flwr:FedAdam"})).rule is None
+    assert strategy_from_config(RunConfig.from_flower({"aggregator": "fedavg"})).rule is not None
     for bad in ("nope", "flwr:NotAStrategy", "no_such_module:f"):
         with pytest.raises(ConfigError, match="aggregator"):
-            strategy_from_config(RunConfig(aggregator=bad))
+            strategy_from_config(RunConfig.from_flower({"aggregator": bad}))
 
 
 # ----------------------------------------------------------------- norm bound
@@ -399,23 +399,20 @@ def test_constructor_validates_min_replies_and_norm_factor() -> None:
 
 
 def test_strategy_from_config_passes_the_robustness_keys() -> None:
-    cfg = RunConfig(
-        aggregator="trimmed-mean", byzantine_clients=3, min_replies=4, update_norm_factor=0.0,
-        round_norm_factor=5.0, max_num_examples=1000, dp=False,
-    )
+    cfg = RunConfig.from_flower({"aggregator": "trimmed-mean", "byzantine-clients": 3, "min-replies": 4, "update-norm-factor": 0.0, "round-norm-factor": 5.0, "max-num-examples": 1000, "dp": False})
     strategy = strategy_from_config(cfg)
     assert strategy.rule == TrimmedMean(3)
     assert strategy.min_replies == 4 and strategy.update_norm_factor == 0.0
     assert strategy.round_norm_factor == 5.0
     assert strategy.limits == ReplyLimits(max_epsilon=None, max_num_examples=1000, max_speedup=4.0)
-    stock = strategy_from_config(RunConfig(aggregator="flwr:FedAdam", min_replies=2))
+    stock = strategy_from_config(RunConfig.from_flower({"aggregator": "flwr:FedAdam", "min-replies": 2}))
     assert stock.min_replies == 2 and stock.update_norm_factor == 1.0
     assert stock.limits.max_epsilon == 8.0
-    capped = strategy_from_config(RunConfig(aggregator="fedavg", weight_cap=3.0)).rule
+    capped = strategy_from_config(RunConfig.from_flower({"aggregator": "fedavg", "weight-cap": 3.0})).rule
     assert capped == SampleWeighted(cap=3.0)
-    uncapped = strategy_from_config(RunConfig(aggregator="error-weighted", weight_cap=0.0)).rule
+    uncapped = strategy_from_config(RunConfig.from_flower({"aggregator": "error-weighted", "weight-cap": 0.0})).rule
     assert uncapped == ErrorWeighted(cap=math.inf)
-    assert strategy_from_config(RunConfig(aggregator="median")).rule is not None
+    assert strategy_from_config(RunConfig.from_flower({"aggregator": "median"})).rule is not None
 
 
 # ------------------------------------------------------------------ checkpoints

@@ -30,8 +30,8 @@ from flwr.app import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedquant.payload import CODES_KEY, MAX_MSE, META_KEY, REPLY_METRICS, encode_update
 from fedquant.codec import ClipRule, Rounding
+from fedquant.payload import CODES_KEY, MAX_MSE, META_KEY, REPLY_METRICS, encode_update
 from strategies.quantized import MAX_NUM_EXAMPLES, METRICS_KEY, QuantizedStrategy, ReplyLimits
 
 SHAPES = {"conv.weight": (4, 1, 3, 3), "conv.bias": (4,), "fc.weight": (10, 36), "fc.bias": (10,)}

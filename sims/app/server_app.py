@@ -47,28 +47,28 @@ def validate_privacy_plan(cfg: RunConfig) -> None:
     accountant (what each client's calibration needs); an impossible target raises
     ConfigError naming target-epsilon.
     """
-    if not cfg.dp:
+    if not cfg.dp.enabled:
         return
     parts = partition_indices(
-        num_partitions=cfg.num_supernodes,
-        partitioning=cfg.partitioning,
-        alpha=cfg.dirichlet_alpha,
-        seed=cfg.seed,
+        num_partitions=cfg.run.num_supernodes,
+        partitioning=cfg.train.partitioning,
+        alpha=cfg.train.dirichlet_alpha,
+        seed=cfg.run.seed,
     )
     dp, quant = dp_settings(cfg), quant_settings(cfg)
     assert dp is not None
     for size in sorted({len(p) for p in parts}):
         plan = round_plan(
-            size, batch_size=cfg.batch_size, epochs=cfg.local_epochs, max_steps=cfg.local_steps
+            size, batch_size=cfg.train.batch_size, epochs=cfg.train.local_epochs, max_steps=cfg.train.local_steps
         )
         try:
-            check_client_target(plan, rounds=cfg.num_server_rounds, dp=dp, quant=quant)
+            check_client_target(plan, rounds=cfg.run.num_server_rounds, dp=dp, quant=quant)
         except ValueError as err:
             raise ConfigError(
                 "target-epsilon",
-                cfg.target_epsilon,
+                cfg.dp.target_epsilon,
                 f"cannot be met by a client with {size} examples over "
-                f"{cfg.num_server_rounds} rounds: {err}",
+                f"{cfg.run.num_server_rounds} rounds: {err}",
             ) from err
 
 
@@ -81,14 +81,14 @@ def run(grid: Grid, cfg: RunConfig, strategy: QuantizedStrategy) -> RunReport:
     """
     torch.set_num_threads(1)
     test = load_mnist().test
-    model = build_model(cfg.model, seed=cfg.seed)
-    report = RunReport(cfg.out_dir, cfg.to_flower())
+    model = build_model(cfg.train.model, seed=cfg.run.seed)
+    report = RunReport(cfg.run.out_dir, cfg.to_flower())
     if warning := cfg.privacy_warning:
         log(WARNING, "[fedquant] %s", warning)
         report.warnings.append(warning)
     arrays = ArrayRecord(model.state_dict())
     first_round = 1
-    checkpoint = load_checkpoint(cfg.out_dir) if cfg.resume else None
+    checkpoint = load_checkpoint(cfg.run.out_dir) if cfg.run.resume else None
     if checkpoint is not None:
         check_same_experiment(checkpoint, cfg.to_flower())
         arrays = ArrayRecord({k: Array(v) for k, v in checkpoint.arrays.items()})
@@ -96,33 +96,33 @@ def run(grid: Grid, cfg: RunConfig, strategy: QuantizedStrategy) -> RunReport:
         report.rows = list(checkpoint.report["rows"])
         strategy.load_state(checkpoint.strategy)
         first_round = checkpoint.server_round + 1
-        _progress("resuming after round %d from %s", checkpoint.server_round, cfg.out_dir)
+        _progress("resuming after round %d from %s", checkpoint.server_round, cfg.run.out_dir)
     else:
-        if cfg.resume:
-            _progress("no checkpoint in %s: starting from round 1", cfg.out_dir)
+        if cfg.run.resume:
+            _progress("no checkpoint in %s: starting from round 1", cfg.run.out_dir)
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = evaluate(model, test)
         report.initial = {"accuracy": accuracy, "loss": loss}
         _progress("round  0: accuracy %.4f (initial model)", accuracy)
     strategy.summary()
 
-    for server_round in range(first_round, cfg.num_server_rounds + 1):
-        wait_for_nodes(grid, cfg.num_supernodes, timeout=cfg.round_timeout)
+    for server_round in range(first_round, cfg.run.num_server_rounds + 1):
+        wait_for_nodes(grid, cfg.run.num_supernodes, timeout=cfg.run.round_timeout)
         # Flower's strategies sample with `random`: seeding it per round makes a
         # resumed run sample the nodes an uninterrupted one would have.
-        random.seed(node_seed(cfg.seed, server_round))
+        random.seed(node_seed(cfg.run.seed, server_round))
         messages = strategy.configure_train(server_round, arrays, ConfigRecord({}), grid)
-        replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
+        replies = grid.send_and_receive(messages, timeout=cfg.run.round_timeout)
         new_arrays, metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
         row: dict[str, object] = {**(metrics or {}), "round": server_round}
-        if server_round % cfg.eval_every == 0 or server_round == cfg.num_server_rounds:
+        if server_round % cfg.run.eval_every == 0 or server_round == cfg.run.num_server_rounds:
             model.load_state_dict(arrays.to_torch_state_dict())
             row["loss"], row["accuracy"] = evaluate(model, test)
         _progress_round(report.add_round(row))
         save_checkpoint(
-            cfg.out_dir,
+            cfg.run.out_dir,
             Checkpoint(
                 server_round=server_round,
                 arrays={k: v.numpy() for k, v in arrays.items()},

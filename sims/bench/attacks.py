@@ -20,6 +20,7 @@ import torch
 from flwr.app import Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedquant.codec import ClipRule, Rounding
 from fedquant.payload import (
     CODES_KEY,
     META_KEY,
@@ -28,7 +29,6 @@ from fedquant.payload import (
     decode_update,
     encode_update,
 )
-from fedquant.codec import ClipRule, Rounding
 from sims.launch.inprocess import InProcessGrid
 from strategies.quantized import METRICS_KEY
 

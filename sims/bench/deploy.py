@@ -36,9 +36,10 @@ from sims.launch.deploy import (
     deploy_overrides,
     deployment_superlink,
     start_supernode,
-    submit_and_follow,
+    submit_deployment,
     wait_for_supernodes,
 )
+from sims.launch.flwr_cli import COMPLETED
 
 ROUND_LINE = re.compile(r"\[fedquant\] round\s+(\d+):")
 MODES = {"insecure": False, "tls": True}
@@ -79,10 +80,10 @@ def run_cell(*, supernodes: int, mode: str, rounds: int, local_steps: int, out: 
             nodes = [start_supernode(dep, i, num_partitions=supernodes) for i in range(supernodes)]
             wait_for_supernodes(dep, nodes, timeout_s=60.0 + 15.0 * supernodes)
             startup_s = time.monotonic() - start
-            status = submit_and_follow(
+            status = submit_deployment(
                 dep, overrides, stream=False, timeout_s=600.0, on_line=on_line
             )
-    if status.get("status") != "finished:completed":
+    if status.get("status") != COMPLETED:
         raise RuntimeError(f"{mode} with {supernodes} SuperNodes ended as {status.get('status')!r}")
     missing = [r for r in range(rounds + 1) if r not in seen]
     if missing:
@@ -110,6 +111,7 @@ def table(cells: Sequence[Cell]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run every (SuperNodes, transport) cell and print the table."""
     parser = argparse.ArgumentParser(
         prog="python -m sims.bench.deploy", description=__doc__.split("\n")[0]
     )

@@ -6,15 +6,18 @@
 Two federations run in this one process, round for round, alternating which goes first,
 so that machine noise falls on both alike:
 
-- fedquant: the real ``clients.client_app.app`` (4-bit codes of Δ via ``encode_update``)
-  and the ``QuantizedStrategy`` of ``strategy_from_config`` (error-weighted rule);
-- stock: a ClientApp defined here that replies as Flower's stock apps do, with the
-  float32 local weights (``RecordDict({"arrays": ArrayRecord(state_dict), "metrics":
-  MetricRecord({"num-examples": ...})})``), aggregated by Flower's stock
-  ``flwr.serverapp.strategy.FedAvg``.
+- fedquant: a ClientApp that replies as ``clients.client_app.app`` does (4-bit codes of
+  Δ via ``encode_update``: :func:`quantized_reply`, which a test checks against the
+  app's own reply), and the ``QuantizedStrategy`` of ``strategy_from_config``
+  (error-weighted rule);
+- stock: a ClientApp that replies as Flower's stock apps do, with the float32 local
+  weights (``RecordDict({"arrays": ArrayRecord(state_dict), "metrics":
+  MetricRecord({"num-examples": ...})})``: :func:`float32_reply`), aggregated by
+  Flower's stock ``flwr.serverapp.strategy.FedAvg``.
 
-Why it is fair: both ClientApps train through the same unchanged
-``clients.client_app.local_train``: same nodes and partitions, same seeds, same model,
+Why it is fair: both ClientApps (:func:`timed_app`) train through the same unchanged
+``clients.client_app.local_train``, passed to them explicitly and timed there: same
+nodes and partitions, same seeds, same model,
 a fixed number of local steps, DP and training quantization as configured for both
 (off by default). The two global models drift apart after round 1, but training cost
 does not depend on the weights. Both go through the same ``InProcessGrid`` (subclassed
@@ -54,14 +57,14 @@ import random
 import statistics
 import sys
 import time
-import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg, Strategy
@@ -75,10 +78,10 @@ from flwr.supercore.inflatable.inflatable_utils import (
     validate_object_content,
 )
 
-import clients.client_app as fq_client
-from clients.client_app import ARRAYS_KEY, METRICS_KEY, node_seed
-from fedquant.config import RunConfig
+from clients.client_app import ARRAYS_KEY, METRICS_KEY, LocalRound, local_train, node_seed
+from fedquant.config import PayloadMode, RunConfig
 from fedquant.models import build_model
+from fedquant.payload import encode_update
 from sims.bench.sweep import write_report
 from sims.launch.inprocess import InProcessGrid
 from strategies.quantized import strategy_from_config
@@ -88,18 +91,6 @@ COLUMNS = (*PHASES, "rest", "round")  # rest: the round minus training
 CLOCKS = ("wall", "cpu")
 Samples = Sequence[Mapping[str, float]]  # one mapping per timed round
 TARGET = 0.05  # the overhead goal: fedquant's round at most 5% slower than stock FedAvg
-
-stock_app = ClientApp()
-
-
-@stock_app.train()
-def stock_train(msg: Message, context: Context) -> Message:
-    """fedquant's local training, then a stock float32 reply (Flower's quickstart apps)."""
-    # Looked up on the module at call time, so that the timing wrapper applies here too.
-    result = fq_client.local_train(msg, context)
-    metrics = MetricRecord({"num-examples": result.metrics["num-examples"]})
-    content = RecordDict({ARRAYS_KEY: ArrayRecord(result.local_state), METRICS_KEY: metrics})
-    return Message(content=content, reply_to=msg)
 
 
 @dataclass
@@ -116,6 +107,7 @@ class RoundClock:
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        """Add the block's wall and CPU seconds to phase ``name``."""
         wall, cpu = time.perf_counter(), time.process_time()
         try:
             yield
@@ -124,6 +116,7 @@ class RoundClock:
             self.seconds[f"cpu-{name}"] += time.process_time() - cpu
 
     def reset(self) -> None:
+        """Start a new round: every phase at 0 s, no bytes."""
         self.seconds = defaultdict(float)
         self.uplink_bytes = 0
 
@@ -150,6 +143,68 @@ def transmit(msg: Message) -> tuple[Message, int]:
     return received, nbytes
 
 
+LocalTrain = Callable[[Message, Context], LocalRound]
+"""One round of local training on a node (``clients.client_app.local_train``)."""
+Reply = Callable[[Message, LocalRound], Message]
+"""A ClientApp's reply to a training message, built from its finished local round."""
+
+
+def quantized_reply(msg: Message, result: LocalRound) -> Message:
+    """Fedquant's reply: Δ (or the local weights) as packed codes, plus the metrics.
+
+    What ``clients.client_app.train`` sends after its ``local_train`` (for a round
+    within the privacy budget); ``tests/test_bench_overhead.py`` checks that both
+    replies are the same object.
+    """
+    cfg, global_state, local_state = result.cfg, result.global_state, result.local_state
+    if cfg.codec.payload is PayloadMode.UPDATE:
+        tensors = {k: local_state[k] - global_state[k] for k in global_state}
+    else:
+        tensors = dict(local_state)
+    rounding_rng = torch.Generator().manual_seed(
+        node_seed(cfg.run.seed, result.server_round, result.partition_id)
+    )
+    content = encode_update(
+        tensors,
+        bits=cfg.codec.bits,
+        clip=cfg.codec.clip,
+        rounding=cfg.codec.rounding,
+        generator=rounding_rng,
+    )
+    metrics: dict[str, int | float | list[int] | list[float]] = dict(result.metrics)
+    content[METRICS_KEY] = MetricRecord(metrics)
+    return Message(content=content, reply_to=msg)
+
+
+def float32_reply(msg: Message, result: LocalRound) -> Message:
+    """A stock reply, as Flower's quickstart apps send: float32 local weights, example count."""
+    metrics = MetricRecord({"num-examples": result.metrics["num-examples"]})
+    content = RecordDict({ARRAYS_KEY: ArrayRecord(result.local_state), METRICS_KEY: metrics})
+    return Message(content=content, reply_to=msg)
+
+
+def timed_app(reply: Reply, clock: RoundClock, *, train: LocalTrain = local_train) -> ClientApp:
+    """A ClientApp that runs ``train`` (timed as the "train" phase), then ``reply``.
+
+    A node out of privacy budget stops the benchmark (RuntimeError): it would do less
+    work than its twin on the other side.
+    """
+    app = ClientApp()
+
+    @app.train()
+    def timed_train(msg: Message, context: Context) -> Message:
+        with clock.phase("train"):
+            result = train(msg, context)
+        if result.exhausted_epsilon is not None:
+            raise RuntimeError(
+                f"node {context.node_id} exhausted its privacy budget in round "
+                f"{result.server_round}: both sides must train every round"
+            )
+        return reply(msg, result)
+
+    return app
+
+
 class TimedGrid(InProcessGrid):
     """``InProcessGrid`` whose messages cross Flower's object transport, timed.
 
@@ -157,42 +212,27 @@ class TimedGrid(InProcessGrid):
     make one side do less work than the other.
     """
 
-    def __init__(self, client_app: ClientApp, *, clock: RoundClock, **kwargs: Any) -> None:
-        super().__init__(client_app, **kwargs)
+    def __init__(
+        self,
+        client_app: ClientApp,
+        *,
+        clock: RoundClock,
+        num_nodes: int,
+        run_config: Mapping[str, Any],
+    ) -> None:
+        super().__init__(client_app, num_nodes=num_nodes, run_config=run_config)
         self.clock = clock
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
-            msg_id = str(uuid.uuid4())
-            msg.metadata.__dict__["_message_id"] = msg_id
-            msg.metadata.__dict__["_run_id"] = self.run.run_id
-            with self.clock.phase("wire"):
-                delivered, _ = transmit(msg)
-            with self.clock.phase("client"):  # train + encode; train is timed inside
-                reply = self.client_app(delivered, self.contexts[msg.metadata.dst_node_id])
-            with self.clock.phase("wire"):
-                reply, nbytes = transmit(reply)
-            self.clock.uplink_bytes += nbytes
-            self._replies[msg_id] = reply
-            ids.append(msg_id)
-        return ids
-
-
-@contextmanager
-def timed_local_train(clock: RoundClock) -> Iterator[None]:
-    """Time every ``local_train`` call (both ClientApps call it through the module)."""
-    original = fq_client.local_train
-
-    def timed(msg: Message, context: Context) -> fq_client.LocalRound:
-        with clock.phase("train"):
-            return original(msg, context)
-
-    fq_client.local_train = timed
-    try:
-        yield
-    finally:
-        fq_client.local_train = original
+    def deliver(self, msg: Message, context: Context) -> Message:
+        """Transmit ``msg``, run the client (train + encode), transmit its reply back."""
+        with self.clock.phase("wire"):
+            delivered, _ = transmit(msg)
+        with self.clock.phase("client"):  # train + encode; train is timed inside
+            reply = self.client_app(delivered, context)
+        with self.clock.phase("wire"):
+            reply, nbytes = transmit(reply)
+        self.clock.uplink_bytes += nbytes
+        return reply
 
 
 @dataclass
@@ -210,7 +250,7 @@ class Federation:
         clock = self.grid.clock
         clock.reset()
         with clock.phase("round"):
-            random.seed(node_seed(cfg.seed, server_round))  # the same sampling on both sides
+            random.seed(node_seed(cfg.run.seed, server_round))  # the same sampling on both sides
             with clock.phase("server"):
                 messages = self.strategy.configure_train(
                     server_round, self.arrays, ConfigRecord({}), self.grid
@@ -219,8 +259,8 @@ class Federation:
             with clock.phase("server"):
                 arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         # Both sides must have used every client, or their work differs.
-        accepted = (metrics or {}).get("accepted", len(replies))
-        if arrays is None or len(replies) != cfg.num_supernodes or accepted != len(replies):
+        accepted = metrics["accepted"] if metrics and "accepted" in metrics else len(replies)
+        if arrays is None or len(replies) != cfg.run.num_supernodes or accepted != len(replies):
             raise RuntimeError(f"{self.name}, round {server_round}: not every reply was used")
         self.arrays = arrays
         s = clock.seconds
@@ -236,22 +276,30 @@ class Federation:
 
 def federations(cfg: RunConfig, clock: RoundClock) -> tuple[Federation, Federation]:
     """Fresh fedquant and stock federations: new node contexts, the same initial model."""
-    grid_args = {"clock": clock, "num_nodes": cfg.num_supernodes, "run_config": cfg.to_flower()}
-    initial = build_model(cfg.model, seed=cfg.seed).state_dict()
+
+    def grid(reply: Reply) -> TimedGrid:
+        return TimedGrid(
+            timed_app(reply, clock),
+            clock=clock,
+            num_nodes=cfg.run.num_supernodes,
+            run_config=cfg.to_flower(),
+        )
+
+    initial = build_model(cfg.train.model, seed=cfg.run.seed).state_dict()
     fedquant = Federation(
         "fedquant",
-        TimedGrid(fq_client.app, **grid_args),
+        grid(quantized_reply),
         strategy_from_config(cfg),
         ArrayRecord(initial),
     )
     stock = Federation(
         "stock",
-        TimedGrid(stock_app, **grid_args),
+        grid(float32_reply),
         FedAvg(
-            fraction_train=cfg.fraction_train,
+            fraction_train=cfg.run.fraction_train,
             fraction_evaluate=0.0,
-            min_train_nodes=cfg.min_train_nodes,
-            min_available_nodes=cfg.num_supernodes,
+            min_train_nodes=cfg.run.min_train_nodes,
+            min_available_nodes=cfg.run.num_supernodes,
         ),
         ArrayRecord(initial),
     )
@@ -269,17 +317,16 @@ def measure(cfg: RunConfig, *, repeats: int) -> tuple[Samples, Samples]:
     clock = RoundClock()
     fq_samples: list[dict[str, float]] = []
     stock_samples: list[dict[str, float]] = []
-    with timed_local_train(clock):
-        for fed in federations(cfg, clock):
-            fed.run_round(cfg, 1)  # warm-up
-        for repeat in range(repeats):
-            fedquant, stock = federations(cfg, clock)
-            for server_round in range(1, cfg.num_server_rounds + 1):
-                first = (repeat * cfg.num_server_rounds + server_round) % 2
-                for fed in (fedquant, stock) if first else (stock, fedquant):
-                    fed.run_round(cfg, server_round)
-            fq_samples += fedquant.samples
-            stock_samples += stock.samples
+    for fed in federations(cfg, clock):
+        fed.run_round(cfg, 1)  # warm-up
+    for repeat in range(repeats):
+        fedquant, stock = federations(cfg, clock)
+        for server_round in range(1, cfg.run.num_server_rounds + 1):
+            first = (repeat * cfg.run.num_server_rounds + server_round) % 2
+            for fed in (fedquant, stock) if first else (stock, fedquant):
+                fed.run_round(cfg, server_round)
+        fq_samples += fedquant.samples
+        stock_samples += stock.samples
     return fq_samples, stock_samples
 
 
@@ -330,24 +377,23 @@ def table_rows(label: str, fq: Samples, stock: Samples, *, bits: int, clock: str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Measure both federations, write bench.md and samples.json under ``--out``."""
     defaults = RunConfig()
     parser = argparse.ArgumentParser(
-        prog="python -m sims.bench.overhead", description=__doc__.split("\n")[0]
+        prog="python -m sims.bench.overhead", description=(__doc__ or "").split("\n")[0]
     )
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per repeat")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=defaults.local_steps)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--bits", type=int, default=defaults.bits)
+    parser.add_argument("--local-steps", type=int, default=defaults.train.local_steps)
+    parser.add_argument("--batch-size", type=int, default=defaults.train.batch_size)
+    parser.add_argument("--bits", type=int, default=defaults.codec.bits)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dp", action="store_true", help="also measure with DP-SGD training")
     parser.add_argument("--out", default="outputs/bench-overhead")
     args = parser.parse_args(argv)
 
     import logging
-
-    import torch
 
     torch.set_num_threads(1)  # local_train sets it too; the server side runs here
     logging.getLogger("flwr").setLevel(logging.ERROR)  # e.g. FedAvg's fraction_evaluate=0 note

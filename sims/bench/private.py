@@ -47,7 +47,14 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sims.bench.sweep import CELL_CPU_SECONDS, CELL_SECONDS, collect, run_sweep, sweep_parser, write_report
+from sims.bench.sweep import (
+    CELL_CPU_SECONDS,
+    CELL_SECONDS,
+    collect,
+    run_sweep,
+    sweep_parser,
+    write_report,
+)
 
 POLICIES = ("none", "static", "random", "dpquant")
 ACCOUNTANTS = ("rdp", "prv")
@@ -272,10 +279,10 @@ def estimator_share(overrides: dict[str, Any]) -> float:
     if dp is None:
         return 0.0
     plan = round_plan(
-        dict(SPLIT_SIZES)["train"] // cfg.num_supernodes, batch_size=cfg.batch_size,
-        epochs=cfg.local_epochs, max_steps=cfg.local_steps,
+        dict(SPLIT_SIZES)["train"] // cfg.run.num_supernodes, batch_size=cfg.train.batch_size,
+        epochs=cfg.train.local_epochs, max_steps=cfg.train.local_steps,
     )
-    rounds = cfg.num_server_rounds
+    rounds = cfg.run.num_server_rounds
     sigma = calibrate_client_noise(plan, rounds=rounds, dp=dp, quant=quant)
     everything = planned_mechanisms(plan, rounds=rounds, noise=sigma, quant=quant)
     training = [MechanismStep(sigma, plan.sample_rate, plan.steps * rounds)]
@@ -463,7 +470,7 @@ def estimator_diagnostic(
     cfg = RunConfig.from_flower({**overrides, "quant-policy": "dpquant"})
     quant = quant_settings(cfg)
     assert quant is not None
-    model = build_model(ModelName(cfg.model.value), seed=0)
+    model = build_model(ModelName(cfg.train.model.value), seed=0)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in checkpoint.arrays.items()})
     model.eval()
     train = load_mnist().train
@@ -477,7 +484,7 @@ def estimator_diagnostic(
     norm = torch.linalg.vector_norm(per_example, dim=1, keepdim=True)
     per_example = per_example * torch.clamp(quant.estimator_clip / norm.clamp_min(1e-300), max=1.0)
     exact = per_example.mean(dim=0).numpy()
-    local = dict(SPLIT_SIZES)["train"] // cfg.num_supernodes
+    local = dict(SPLIT_SIZES)["train"] // cfg.run.num_supernodes
     subsample = quant.estimator_rate * local
     sampling_sd = per_example.std(dim=0).numpy() / np.sqrt(subsample)
     noise_sd = quant.estimator_noise * quant.estimator_clip / subsample
@@ -497,7 +504,7 @@ def estimator_diagnostic(
         ]))
 
     lines = [
-        f"Estimator signal vs noise: {run['model']}, {cfg.num_supernodes} client(s) of"
+        f"Estimator signal vs noise: {run['model']}, {cfg.run.num_supernodes} client(s) of"
         f" {local:,} examples, final model of the run with seed {run['seed']}; q_a"
         f" {quant.estimator_rate:g} ({subsample:.0f} examples), σ_a {quant.estimator_noise:g},"
         f" C_a {quant.estimator_clip:g}, EMA α {quant.alpha:g}, β {quant.beta:g}, k = {k} of {n}:",
@@ -583,7 +590,7 @@ def calibrated_noise(epsilons: Sequence[float]) -> list[str]:
 
     plans = {
         "default (20 steps/round)": RunConfig(),
-        "20 local epochs/round": RunConfig(local_epochs=20, local_steps=0),
+        "20 local epochs/round": RunConfig.from_flower({"local-epochs": 20, "local-steps": 0}),
     }
     lines = [
         "| plan | DP-SGD steps | target epsilon | sigma RDP | sigma PRV | PRV / RDP |",
@@ -591,20 +598,20 @@ def calibrated_noise(epsilons: Sequence[float]) -> list[str]:
     ]
     for label, base in plans.items():
         plan = round_plan(
-            5000, batch_size=base.batch_size, epochs=base.local_epochs, max_steps=base.local_steps
+            5000, batch_size=base.train.batch_size, epochs=base.train.local_epochs, max_steps=base.train.local_steps
         )
         for eps in epsilons:
             sigma = {}
             for accountant in Accountant:
-                cfg = dataclasses.replace(base, target_epsilon=eps, accountant=accountant)
+                cfg = base.with_overrides({"target-epsilon": eps, "accountant": accountant})
                 dp = dp_settings(cfg)
                 assert dp is not None
                 sigma[accountant] = calibrate_client_noise(
-                    plan, rounds=cfg.num_server_rounds, dp=dp, quant=quant_settings(cfg)
+                    plan, rounds=cfg.run.num_server_rounds, dp=dp, quant=quant_settings(cfg)
                 )
             rdp, prv = sigma[Accountant.RDP], sigma[Accountant.PRV]
             lines.append(
-                f"| {label} | {plan.steps * base.num_server_rounds} | {eps:g} | {rdp:.4f}"
+                f"| {label} | {plan.steps * base.run.num_server_rounds} | {eps:g} | {rdp:.4f}"
                 f" | {prv:.4f} | {prv / rdp:.3f} |"
             )
     return lines

@@ -43,12 +43,12 @@ ATTACK_SETUPS: dict[str, tuple[tuple[int, ...], str | None]] = {
 AGGREGATORS: dict[str, dict[str, Any]] = {
     "error-weighted": {"aggregator": "error-weighted"},
     "fedavg": {"aggregator": "fedavg"},
-    "median": {"aggregator": "median", "byzantine_clients": 3},
-    "trimmed-mean (b=3)": {"aggregator": "trimmed-mean", "byzantine_clients": 3},
+    "median": {"aggregator": "median", "byzantine-clients": 3},
+    "trimmed-mean (b=3)": {"aggregator": "trimmed-mean", "byzantine-clients": 3},
     "error-weighted, undefended": {
-        "aggregator": "error-weighted", "update_norm_factor": 10.0, "weight_cap": 0.0,
+        "aggregator": "error-weighted", "update-norm-factor": 10.0, "weight-cap": 0.0,
     },
-    "fedavg, undefended": {"aggregator": "fedavg", "update_norm_factor": 10.0, "weight_cap": 0.0},
+    "fedavg, undefended": {"aggregator": "fedavg", "update-norm-factor": 10.0, "weight-cap": 0.0},
 }
 COUNTS = ("accepted", "rejected", "norm-clipped", "down-weighted")
 
@@ -60,8 +60,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     from clients.client_app import app as client_app
     from fedquant.config import RunConfig
     from fedquant.dpquant import QuantPolicy
-    from sims.bench.attacks import ATTACKS, Attack, HostileGrid, chained, metrics, scaled
     from sims.app.server_app import run
+    from sims.bench.attacks import ATTACKS, Attack, HostileGrid, chained, metrics, scaled
     from strategies.quantized import strategy_from_config
 
     out = Path(cell["out"])
@@ -70,16 +70,12 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         return _cell_result(cell, data["summary"], data["rounds"])
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.ERROR)
-    cfg = RunConfig(
-        num_supernodes=CLIENTS, num_server_rounds=cell["rounds"], local_steps=cell["local_steps"],
-        batch_size=64, dp=False, quant_policy=QuantPolicy.NONE, bits=4, seed=cell["seed"],
-        eval_every=cell["rounds"], out_dir=cell["out"], **AGGREGATORS[cell["aggregator"]],
-    )
+    cfg = RunConfig.from_flower({"num-supernodes": CLIENTS, "num-server-rounds": cell["rounds"], "local-steps": cell["local_steps"], "batch-size": 64, "dp": False, "quant-policy": QuantPolicy.NONE, "bits": 4, "seed": cell["seed"], "eval-every": cell["rounds"], "out-dir": cell["out"], **AGGREGATORS[cell["aggregator"]]})
     nodes, name = ATTACK_SETUPS[cell["attack"]]
 
     def build(name: str) -> Attack:
         if name == "flip-x9+count-at-cap":  # just below the exclusive limit: accepted
-            count = metrics(num_examples=cfg.max_num_examples - 1)
+            count = metrics(num_examples=cfg.robust.max_num_examples - 1)
             return Attack(name, chained(scaled(-9.0), count))
         return ATTACKS[name]()
 

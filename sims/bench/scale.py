@@ -5,7 +5,7 @@
     python -m sims.bench.scale --ray-address 10.0.0.1:6379   # on a running Ray cluster
 
 For each client count it starts the launcher's own simulation SuperLink
-(``sims.launch.run.simulation_superlink``), submits the app with ``submit_and_follow`` and,
+(``sims.launch.run.simulation_superlink``), submits the app with ``submit_simulation`` and,
 while the run lasts, samples every process of the SuperLink's tree (the SuperLink,
 ``flwr-simulation``, and the local Ray it starts: GCS, raylet, agents, client-actor
 workers) from ``/proc``: the sum of RSS (which counts a page shared by N processes N
@@ -34,11 +34,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sims.launch.run import resolve_run_config, simulation_superlink, submit_and_follow
+from sims.launch.procs import process_tree
+from sims.launch.run import resolve_run_config, simulation_superlink, submit_simulation
 
 
 @dataclass
 class Sample:
+    """Memory of a process tree at one moment: sums over its processes, in KiB."""
+
     rss_kb: int
     pss_kb: int
     processes: int
@@ -50,28 +53,6 @@ class Trace:
 
     peak: Sample = field(default_factory=lambda: Sample(0, 0, 0))
     round_done_s: dict[int, float] = field(default_factory=dict)
-
-
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            stat = (entry / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    return children
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants, from /proc."""
-    children, found, todo = _children_map(), [root], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def _memory_kb(pid: int) -> tuple[int, int]:
@@ -87,6 +68,7 @@ def _memory_kb(pid: int) -> tuple[int, int]:
 
 
 def sample_tree(root: int) -> Sample:
+    """Sum of RSS and of PSS over ``root``'s process tree now, and its process count."""
     pids = process_tree(root)
     rss = pss = 0
     for pid in pids:
@@ -123,6 +105,8 @@ def watch(root: int, results: Path, *, every_s: float = 0.5) -> Iterator[Trace]:
 
 @dataclass
 class Result:
+    """One client count's run: status, timings and peak memory of its process tree."""
+
     clients: int
     sampled: int
     rounds: int
@@ -145,6 +129,10 @@ def bench(
     ray_address: str | None,
     client_cpus: int,
 ) -> Result:
+    """Run ``clients`` simulated clients through the launcher's SuperLink, watched.
+
+    The keywords are ``main``'s options of the same names.
+    """
     with tempfile.TemporaryDirectory(prefix="fedquant-bench-") as tmp:
         out = Path(tmp) / "out"
         privacy = 'dp=true quant-policy="dpquant"' if dp else 'dp=false quant-policy="none"'
@@ -158,10 +146,10 @@ def bench(
         start = time.monotonic()
         with simulation_superlink(Path(tmp), ray_address=ray_address) as link:
             with watch(link.process.pid, out / "results.json") as trace:
-                status = submit_and_follow(
+                status = submit_simulation(
                     link,
                     parsed,
-                    num_supernodes=cfg.num_supernodes,
+                    num_supernodes=cfg.run.num_supernodes,
                     client_cpus=client_cpus,
                     stream=False,
                 )
@@ -189,6 +177,7 @@ def bench(
 
 
 def table(results: Sequence[Result]) -> str:
+    """The results as one markdown table."""
     lines = [
         "| clients | sampled/round | rounds | status | wall s | first round s | rounds/s "
         "(after round 1) | peak sum RSS MiB | peak sum PSS MiB | most processes |",
@@ -204,6 +193,7 @@ def table(results: Sequence[Result]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark for each client count; 0 if every run completed."""
     parser = argparse.ArgumentParser(
         prog="python -m sims.bench.scale", description=__doc__.split("\n")[0]
     )

@@ -14,11 +14,12 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from fedquant.packing import pack_codes
 from fedquant.codec import ClipRule, Rounding, quantize
+from fedquant.packing import pack_codes
 
 __all__ = ["quantize_pack_throughput"]
 
@@ -50,7 +51,7 @@ def _fedquant(
 
 def quantize_pack_throughput(
     *, numel: int = 4_000_000, bits: int = 4, repeats: int = 5, seed: int = 0
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """Rows ``{"method", "mb_per_s", "ratio_vs_torch"}``; the torch reference comes first.
 
     ``x ~ N(0, 1)`` float32 of ``numel`` elements drawn with ``seed``; each method runs
@@ -86,7 +87,7 @@ def quantize_pack_throughput(
     ]
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict[str, Any]]) -> str:
     """Plain-text table of ``quantize_pack_throughput`` rows."""
     width = max(len(row["method"]) for row in rows)
     lines = [f"{'method':<{width}}  {'MB/s':>9}  {'vs torch':>8}"]

@@ -1,1 +1,1 @@
-"""launch"""
+"""Launchers: Flower simulation (Ray), gRPC deployment, and the in-process grid."""

@@ -214,6 +214,7 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Write a CA, a server certificate and optional SuperNode keys; 2 on a bad host."""
     parser = argparse.ArgumentParser(
         prog="python -m sims.launch.certs", description=__doc__.split("\n")[0]
     )

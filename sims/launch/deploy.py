@@ -36,12 +36,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,9 +47,11 @@ from pathlib import Path
 from typing import Any
 
 from fedquant.config import ConfigError, RunConfig
+from sims.launch import flwr_cli
 from sims.launch.certs import AuthKeys, TlsFiles, write_supernode_keys, write_tls_files
-from sims.launch.procs import flower_env, free_port, stop_process_group, wait_for_port
-from sims.launch.run import APP_DIR, resolve_run_config, run_config_arg
+from sims.launch.flwr_cli import COMPLETED, FlwrCli
+from sims.launch.procs import Launched, ProcessSet, flower_env, free_port, wait_for_port
+from sims.launch.run import resolve_run_config
 
 CONNECTION = "fedquant-deploy"
 HOST = "127.0.0.1"
@@ -61,149 +61,6 @@ NODE_WAIT_S = 60.0  # SuperNodes must all be online this soon after they start
 # long instead of retrying forever (Flower's default: no limit).
 SUPERNODE_MAX_WAIT_S = 30.0
 DEFAULT_OUT_DIR = "outputs/deploy"
-
-
-# -- processes ---------------------------------------------------------------------
-
-
-def _is_alive(pid: int) -> bool:
-    """Whether ``pid`` names a running process (a zombie counts as ended)."""
-    stat = Path(f"/proc/{pid}/stat")
-    if Path("/proc/self/stat").exists():
-        try:
-            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except (OSError, IndexError):
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _parent_pids() -> dict[int, int]:
-    """pid -> parent pid for every process visible now (Linux /proc, else ``ps``)."""
-    parents: dict[int, int] = {}
-    proc = Path("/proc")
-    if (proc / "self" / "stat").exists():
-        for entry in proc.iterdir():
-            if not entry.name.isdigit():
-                continue
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                parents[int(entry.name)] = int(fields[1])
-        return parents
-    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True)
-    for line in out.stdout.splitlines():
-        with contextlib.suppress(ValueError):
-            pid, ppid = map(int, line.split())
-            parents[pid] = ppid
-    return parents
-
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of every process below ``pid`` now, in any session (breadth first)."""
-    children: dict[int, list[int]] = {}
-    for child, parent in _parent_pids().items():
-        children.setdefault(parent, []).append(child)
-    found, frontier = [], [pid]
-    while frontier:
-        nxt = [c for p in frontier for c in children.get(p, [])]
-        found += nxt
-        frontier = nxt
-    return found
-
-
-@dataclass
-class Launched:
-    """A process started here, in a new session, with its log file."""
-
-    name: str
-    process: subprocess.Popen[Any]
-    log: Path
-
-
-@dataclass
-class ProcessSet:
-    """Processes started by one deployment; ``stop_all`` ends them and their children.
-
-    Flower's SuperLink and SuperNodes start a SuperExec in a session of its own
-    (``start_new_session``), which starts the app processes, so killing a leader's
-    process group misses them. ``stop_all`` notes each leader's descendants first,
-    stops the group by the leader's PID, then ends any noted descendant still
-    running (SIGTERM, then SIGKILL), by PID. ``seen`` keeps every PID it stopped.
-    """
-
-    launched: list[Launched] = field(default_factory=list)
-    seen: set[int] = field(default_factory=set)
-
-    def start(
-        self, name: str, command: Sequence[str], *, env: Mapping[str, str], log: Path
-    ) -> Launched:
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                list(command),
-                env=dict(env),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        item = Launched(name, process, log)
-        self.launched.append(item)
-        self.seen.add(process.pid)
-        return item
-
-    def stop(self, item: Launched, *, grace_s: float = 10.0) -> None:
-        below = descendants(item.process.pid) if item.process.poll() is None else []
-        self.seen.update(below)
-        stop_process_group(item.process, grace_s=grace_s)
-        _stop_pids(below, grace_s=grace_s)
-
-    def stop_all(self, *, grace_s: float = 10.0) -> None:
-        """Stop every process, the last started first (SuperNodes before the SuperLink).
-
-        A second Ctrl-C or SIGTERM while this runs is ignored (in the main thread), so
-        that it cannot cut the teardown short and leave processes behind.
-        """
-        with _signals_ignored():
-            for item in reversed(self.launched):
-                self.stop(item, grace_s=grace_s)
-
-    def alive(self) -> list[int]:
-        """PIDs of started processes (and noted descendants) that still run."""
-        return sorted(pid for pid in self.seen if _is_alive(pid))
-
-
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-
-
-def _stop_pids(pids: Sequence[int], *, grace_s: float) -> None:
-    """SIGTERM each PID that still runs, wait up to ``grace_s``, then SIGKILL."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        running = [pid for pid in pids if _is_alive(pid)]
-        for pid in running:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace_s
-        while running and time.monotonic() < deadline:
-            time.sleep(0.1)
-            running = [pid for pid in running if _is_alive(pid)]
-        if not running:
-            return
 
 
 # -- the deployment ----------------------------------------------------------------
@@ -226,7 +83,7 @@ class Deployment:
 
     workdir: Path
     flwr_home: Path
-    env: dict[str, str]
+    cli: FlwrCli  # the ``flwr`` CLI, connected to the SuperLink's control API
     fleet_address: str
     control_address: str
     tls: TlsFiles | None
@@ -245,33 +102,8 @@ class Deployment:
 
     @property
     def secure(self) -> bool:
+        """Whether the SuperLink serves TLS and requires SuperNode authentication."""
         return self.tls is not None
-
-    def flwr(
-        self, *args: str, check: bool = True, timeout: float = 60.0
-    ) -> subprocess.CompletedProcess[str]:
-        """Run the ``flwr`` CLI against this deployment's connection."""
-        out = subprocess.run(
-            ["flwr", *args], env=self.env, capture_output=True, text=True, timeout=timeout
-        )
-        if check and out.returncode != 0:
-            raise RuntimeError(
-                f"flwr {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}"
-            )
-        return out
-
-
-def write_connection(flwr_home: Path, address: str, tls: TlsFiles | None) -> None:
-    """The ``flwr`` CLI's connection to the control API in ``FLWR_HOME/config.toml``."""
-    transport = (
-        f"root-certificates = {json.dumps(str(tls.ca_cert.resolve()))}\n"
-        if tls is not None
-        else "insecure = true\n"
-    )
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f"[superlink.{CONNECTION}]\naddress = {json.dumps(address)}\n{transport}"
-    )
 
 
 def _deployment_env(flwr_home: Path) -> dict[str, str]:
@@ -318,8 +150,14 @@ def deployment_superlink(workdir: Path, *, secure: bool) -> Iterator[Deployment]
     while http_port == fleet_port:
         http_port = free_port()
     control_address = f"{HOST}:{http_port}"
-    write_connection(flwr_home, control_address, tls)
     env = _deployment_env(flwr_home)
+    cli = flwr_cli.connect(
+        flwr_home,
+        name=CONNECTION,
+        address=control_address,
+        env=env,
+        root_certificates=tls.ca_cert if tls is not None else None,
+    )
     processes = ProcessSet()
     try:
         link = processes.start(
@@ -333,7 +171,7 @@ def deployment_superlink(workdir: Path, *, secure: bool) -> Iterator[Deployment]
         yield Deployment(
             workdir,
             flwr_home,
-            env,
+            cli,
             f"{HOST}:{fleet_port}",
             control_address,
             tls,
@@ -347,7 +185,7 @@ def deployment_superlink(workdir: Path, *, secure: bool) -> Iterator[Deployment]
 
 def register_supernode(dep: Deployment, public_key: Path) -> int:
     """``flwr supernode register``: allow the key to join; returns the node id."""
-    out = dep.flwr("supernode", "register", str(public_key), CONNECTION, "--format", "json")
+    out = dep.cli("supernode", "register", str(public_key), CONNECTION, "--format", "json")
     reply = json.loads(out.stdout)
     if not reply.get("success"):
         raise RuntimeError(f"registering {public_key} failed: {reply}")
@@ -440,7 +278,7 @@ def start_supernode(
 
 def list_supernodes(dep: Deployment) -> list[dict[str, Any]]:
     """``flwr supernode list --format json``: the nodes the SuperLink knows."""
-    out = dep.flwr("supernode", "list", CONNECTION, "--format", "json")
+    out = dep.cli("supernode", "list", CONNECTION, "--format", "json")
     return list(json.loads(out.stdout).get("nodes", []))
 
 
@@ -472,7 +310,7 @@ def wait_for_supernodes(
     )
 
 
-def submit_and_follow(
+def submit_deployment(
     dep: Deployment,
     overrides: Mapping[str, Any],
     *,
@@ -480,7 +318,7 @@ def submit_and_follow(
     timeout_s: float | None = None,
     on_line: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """``flwr run`` the app, follow its log until it ends, return ``flwr ls``'s entry.
+    """Run the app on ``dep`` (``flwr_cli.submit_and_follow``); its final ``flwr ls`` entry.
 
     The SuperNodes need not be online yet: the ServerApp waits for
     ``num-supernodes`` of them. A SuperNode that exits during the run is reported
@@ -489,66 +327,27 @@ def submit_and_follow(
     (``flwr stop``, then TimeoutError). ``on_line`` is called with each line of the
     log as it arrives.
     """
-    run_config = run_config_arg(overrides)
-    command = ["run", str(APP_DIR), CONNECTION, "--format", "json"]
-    if run_config:
-        command += ["--run-config", run_config]
-    out = dep.flwr(*command, timeout=120.0)
-    run_id = int(json.loads(out.stdout)["run-id"])
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     reported: set[str] = set()
-    follow = subprocess.Popen(
-        ["flwr", "log", str(run_id), CONNECTION, "--stream"],
-        env=dep.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
+
+    def report_exited(run_id: int) -> None:
+        for node in dep.supernodes:
+            launched = node.launched
+            if launched.process.poll() is not None and launched.name not in reported:
+                reported.add(launched.name)
+                print(
+                    f"warning: {launched.name} exited with {launched.process.returncode}"
+                    f" during run {run_id}; the run goes on without it (log: {launched.log})",
+                    file=sys.stderr,
+                )
+
+    return flwr_cli.submit_and_follow(
+        dep.cli,
+        overrides,
+        stream=stream,
+        timeout_s=timeout_s,
+        on_line=on_line,
+        on_tick=report_exited,
     )
-    reader = threading.Thread(
-        target=_read_lines, args=(follow, stream, on_line), name="flwr-log", daemon=True
-    )
-    reader.start()
-    try:
-        while follow.poll() is None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                follow.wait(timeout=1.0)
-            for node in dep.supernodes:
-                launched = node.launched
-                if launched.process.poll() is not None and launched.name not in reported:
-                    reported.add(launched.name)
-                    print(
-                        f"warning: {launched.name} exited with {launched.process.returncode}"
-                        f" during run {run_id}; the run goes on without it (log: {launched.log})",
-                        file=sys.stderr,
-                    )
-            if deadline is not None and time.monotonic() > deadline:
-                dep.flwr("stop", str(run_id), CONNECTION, check=False)
-                raise TimeoutError(f"run {run_id} did not finish within {timeout_s:.0f} s")
-    finally:
-        if follow.poll() is None:
-            follow.terminate()
-            follow.wait()
-        reader.join(timeout=5.0)
-    return run_status(dep, run_id)
-
-
-def _read_lines(
-    follow: subprocess.Popen[str], stream: bool, on_line: Callable[[str], None] | None
-) -> None:
-    assert follow.stdout is not None
-    for line in follow.stdout:
-        if stream:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-        if on_line is not None:
-            on_line(line)
-
-
-def run_status(dep: Deployment, run_id: int) -> dict[str, Any]:
-    """The run's entry from ``flwr ls --run-id ID --format json``."""
-    out = dep.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
-    return dict(json.loads(out.stdout)["runs"][0])
 
 
 def deploy_overrides(
@@ -574,7 +373,8 @@ def deploy_overrides(
         )
     if given.get("dp-noise-seeded") is True:
         raise ConfigError(
-            "dp-noise-seeded", True,
+            "dp-noise-seeded",
+            True,
             "refused in a deployment: seeded DP noise can be reproduced by the server, "
             "so real clients' data would not be private against it",
         )
@@ -620,9 +420,9 @@ def deploy_and_run(
         start = time.monotonic()
         for i in range(supernodes):
             start_supernode(dep, i, num_partitions=supernodes)
-        status = submit_and_follow(dep, parsed, stream=stream, timeout_s=timeout_s)
+        status = submit_deployment(dep, parsed, stream=stream, timeout_s=timeout_s)
         wall_s = time.monotonic() - start
-        if status.get("status") != "finished:completed":
+        if status.get("status") != COMPLETED:
             log_text = dep.superlink.log.read_text(errors="replace")[-4000:]
             raise RuntimeError(f"run ended as {status.get('status')!r}:\n{log_text}")
     results = json.loads((Path(parsed["out-dir"]) / "results.json").read_text())
@@ -633,34 +433,45 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m sims.launch.deploy", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument(
+def parser() -> argparse.ArgumentParser:
+    """The launcher's command line."""
+    doc = (__doc__ or "").split("\n")[0]
+    p = argparse.ArgumentParser(prog="python -m sims.launch.deploy", description=doc)
+    p.add_argument(
         "--supernodes", "-n", type=int, default=2, help="SuperNodes to start (default 2)"
     )
-    parser.add_argument(
+    p.add_argument(
         "--secure", action="store_true", help="TLS (a private CA) and SuperNode authentication"
     )
-    parser.add_argument(
+    p.add_argument(
         "--run-config",
         "-c",
         action="append",
         default=[],
         help='overrides in Flower syntax, e.g. "bits=2 num-server-rounds=5" (repeatable)',
     )
-    parser.add_argument(
+    p.add_argument(
         "--workdir",
         type=Path,
         default=None,
         help="keep logs, certificates, keys and SuperNode state here (default: a temporary folder)",
     )
-    parser.add_argument(
+    p.add_argument(
         "--timeout", type=float, default=None, help="seconds the run may take (default: no limit)"
     )
-    args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # stop the processes on SIGTERM too
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Deploy and run once from the command line.
+
+    Exit status: 0 when the run completed, 2 for a bad run-config value (nothing
+    started; the message names the key and the value), 1 when the run failed, 130
+    when interrupted (Ctrl-C or SIGTERM: every process started is stopped first).
+    """
+    args = parser().parse_args(argv)
+    # Stop the processes on SIGTERM too; the caller's handler is back on return.
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         result = deploy_and_run(
             args.run_config,
@@ -678,8 +489,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; stopped every process started", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     mode = "TLS + SuperNode auth" if args.secure else "insecure"
-    out_dir = Path(result.config.out_dir)
+    out_dir = Path(result.config.run.out_dir)
     print(
         f"run {result.status.get('run-id')} {result.status.get('status')} over gRPC "
         f"({args.supernodes} SuperNodes, {mode}) in {result.wall_s:.1f} s; results in {out_dir}"

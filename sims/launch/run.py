@@ -42,9 +42,10 @@ import tomli
 from flwr.common.config import parse_config_args
 
 from fedquant.config import ConfigError, RunConfig
+from sims.launch import flwr_cli
+from sims.launch.flwr_cli import APP_DIR, COMPLETED, FlwrCli
 from sims.launch.procs import flower_env, free_port, stop_process_group, wait_for_port
 
-APP_DIR = Path(__file__).resolve().parents[2]
 CONNECTION = "fedquant-sim"
 
 
@@ -59,6 +60,7 @@ def resolve_run_config(overrides: Sequence[str]) -> tuple[RunConfig, dict[str, A
 
     Returns the validated config and the overrides to pass to ``flwr run``
     (``out-dir`` made absolute, since the ServerApp runs in another directory).
+    Raises ConfigError naming the key and value.
     """
     from sims.app.checkpoint import check_same_experiment, load_checkpoint
     from sims.app.server_app import validate_privacy_plan
@@ -73,23 +75,28 @@ def resolve_run_config(overrides: Sequence[str]) -> tuple[RunConfig, dict[str, A
     cfg = RunConfig.from_flower(merged, strict=True)
     strategy_from_config(cfg)  # validates the aggregator spec
     validate_privacy_plan(cfg)  # an unreachable (epsilon, delta) target stops here
-    if cfg.resume and (checkpoint := load_checkpoint(cfg.out_dir)) is not None:
+    if cfg.run.resume and (checkpoint := load_checkpoint(cfg.run.out_dir)) is not None:
         check_same_experiment(checkpoint, cfg.to_flower())
     # The apps run in other directories (and, deployed, on other machines).
-    parsed["out-dir"] = str(Path(cfg.out_dir).expanduser().resolve())
-    if cfg.client_state_dir:
-        parsed["client-state-dir"] = str(Path(cfg.client_state_dir).expanduser().resolve())
+    parsed["out-dir"] = str(Path(cfg.run.out_dir).expanduser().resolve())
+    if cfg.run.client_state_dir:
+        parsed["client-state-dir"] = str(Path(cfg.run.client_state_dir).expanduser().resolve())
     return cfg, parsed
 
 
 @dataclass
 class LocalSuperLink:
-    """A SuperLink in simulation mode that this process owns."""
+    """A SuperLink in simulation mode that this process owns, and its ``flwr`` CLI."""
 
     process: subprocess.Popen[Any]
     address: str
     flwr_home: Path
-    env: dict[str, str]
+    cli: FlwrCli
+
+    @property
+    def ray_attached(self) -> bool:
+        """Whether the simulation joins a running Ray cluster (``RAY_ADDRESS`` set)."""
+        return "RAY_ADDRESS" in self.cli.env
 
 
 def check_ray_address(value: str) -> str:
@@ -124,10 +131,6 @@ def simulation_superlink(
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     address = f"127.0.0.1:{port}"
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "{address}"\ninsecure = true\n'
-    )
     env = flower_env(flwr_home)
     env.pop("RAY_ADDRESS", None)
     # Ray's coming default (leave CUDA_VISIBLE_DEVICES alone for num_gpus=0 actors); set
@@ -135,6 +138,7 @@ def simulation_superlink(
     env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if ray_address is not None:
         env["RAY_ADDRESS"] = check_ray_address(ray_address)
+    cli = flwr_cli.connect(flwr_home, name=CONNECTION, address=address, env=env)
     log_file = workdir / "superlink.log"
     command = [
         "flower-superlink",
@@ -154,25 +158,32 @@ def simulation_superlink(
         )
     try:
         wait_for_port("127.0.0.1", port, process, log_file)
-        yield LocalSuperLink(process, address, flwr_home, env)
+        yield LocalSuperLink(process, address, flwr_home, cli)
     finally:
         stop_process_group(process)
 
 
-def run_config_arg(overrides: Mapping[str, Any]) -> str:
-    """Overrides as one ``flwr run --run-config`` string ("k=v ..." with TOML values)."""
-    return " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items())
+def federation_config(
+    *, num_supernodes: int, client_cpus: int, client_gpus: float, ray_attached: bool
+) -> str:
+    """The ``flwr run --federation-config`` string of a simulation.
+
+    ``client_cpus``/``client_gpus``: Ray resources reserved per simulated client; Flower
+    runs as many client actors as the Ray cluster's resources allow.
+    """
+    # Flower's default reserves 2 CPUs per simulated client: one at a time on 2 cores.
+    # Clients here run torch on one thread, so one CPU each runs two at once.
+    federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus}"
+    if client_gpus:
+        federation += f" client-resources-num-gpus={client_gpus}"
+    if ray_attached:
+        # Ray logs "Connecting to existing Ray cluster at address: ..." at INFO: keep
+        # that line in the SuperLink's log as the record of where the clients ran.
+        federation += ' init-args-logging-level="INFO"'
+    return federation
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value)
-
-
-def submit_and_follow(
+def submit_simulation(
     link: LocalSuperLink,
     overrides: Mapping[str, Any],
     *,
@@ -181,51 +192,24 @@ def submit_and_follow(
     client_gpus: float = 0.0,
     stream: bool = True,
 ) -> dict[str, Any]:
-    """``flwr run`` the app on ``link``, follow its log, return its final status.
-
-    ``client_cpus``/``client_gpus``: Ray resources reserved per simulated client; Flower
-    runs as many client actors as the Ray cluster's resources allow.
-    """
-    run_config = run_config_arg(overrides)
-    command = ["flwr", "run", str(APP_DIR), CONNECTION, "--format", "json"]
-    if run_config:
-        command += ["--run-config", run_config]
-    # Flower's default reserves 2 CPUs per simulated client: one at a time on 2 cores.
-    # Clients here run torch on one thread, so one CPU each runs two at once.
-    federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus}"
-    if client_gpus:
-        federation += f" client-resources-num-gpus={client_gpus}"
-    if "RAY_ADDRESS" in link.env:
-        # Ray logs "Connecting to existing Ray cluster at address: ..." at INFO: keep
-        # that line in the SuperLink's log as the record of where the clients ran.
-        federation += ' init-args-logging-level="INFO"'
-    command += ["--federation-config", federation]
-    out = subprocess.run(command, env=link.env, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"flwr run failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
-    run_id = int(json.loads(out.stdout)["run-id"])
-    log_command = ["flwr", "log", str(run_id), CONNECTION, "--stream"]
-    subprocess.run(
-        log_command,
-        env=link.env,
-        check=False,
-        stdout=None if stream else subprocess.DEVNULL,
-        stderr=None if stream else subprocess.DEVNULL,
+    """Run the app on ``link`` (``flwr_cli.submit_and_follow``); its final ``flwr ls`` entry."""
+    federation = federation_config(
+        num_supernodes=num_supernodes,
+        client_cpus=client_cpus,
+        client_gpus=client_gpus,
+        ray_attached=link.ray_attached,
     )
-    return run_status(link, run_id)
-
-
-def run_status(link: LocalSuperLink, run_id: int) -> dict[str, Any]:
-    """The run's entry from ``flwr ls --run-id ID --format json``."""
-    out = subprocess.run(
-        ["flwr", "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
-        env=link.env,
-        capture_output=True,
-        text=True,
-        check=True,
+    return flwr_cli.submit_and_follow(
+        link.cli, overrides, federation_config=federation, stream=stream
     )
-    runs = json.loads(out.stdout)["runs"]
-    return dict(runs[0])
+
+
+def check_resources(*, client_cpus: int, client_gpus: float) -> None:
+    """ValueError naming the value unless client-cpus >= 1 and client-gpus >= 0."""
+    if isinstance(client_cpus, bool) or not isinstance(client_cpus, int) or client_cpus < 1:
+        raise ValueError(f"client-cpus must be a positive integer. Found {client_cpus!r}.")
+    if not client_gpus >= 0:
+        raise ValueError(f"client-gpus must be >= 0. Found {client_gpus!r}.")
 
 
 def run_simulation(
@@ -242,20 +226,19 @@ def run_simulation(
     ``ray_address``: attach to this running Ray cluster instead of starting a local
     Ray (see the module docstring). ``workdir``: keep the SuperLink's folder (its
     ``superlink.log`` holds the ServerApp's and Ray's output) there instead of a
-    temporary folder removed afterwards.
+    temporary folder removed afterwards. Nothing starts before every argument and
+    override is checked (ConfigError, or ValueError for the launcher's own arguments).
     """
-    if client_cpus < 1:
-        raise ValueError(f"client-cpus must be a positive integer. Found {client_cpus!r}.")
-    if client_gpus < 0:
-        raise ValueError(f"client-gpus must be >= 0. Found {client_gpus!r}.")
+    check_resources(client_cpus=client_cpus, client_gpus=client_gpus)
     if ray_address is not None:
         check_ray_address(ray_address)
     cfg, parsed = resolve_run_config(overrides)
     if warning := cfg.privacy_warning:
         print(f"warning: {warning}", file=sys.stderr)
-    if cfg.resume and cfg.dp and not cfg.client_state_dir:
+    if cfg.run.resume and cfg.dp.enabled and not cfg.run.client_state_dir:
         raise ConfigError(
-            "client-state-dir", cfg.client_state_dir,
+            "client-state-dir",
+            cfg.run.client_state_dir,
             "resume=true with dp=true needs the client state dir the interrupted run used; "
             "without it every simulated client's epsilon would restart from 0",
         )
@@ -264,15 +247,15 @@ def run_simulation(
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedquant-sim-")))
         workdir.mkdir(parents=True, exist_ok=True)
         with simulation_superlink(workdir, ray_address=ray_address) as link:
-            status = submit_and_follow(
+            status = submit_simulation(
                 link,
                 parsed,
-                num_supernodes=cfg.num_supernodes,
+                num_supernodes=cfg.run.num_supernodes,
                 client_cpus=client_cpus,
                 client_gpus=client_gpus,
                 stream=stream,
             )
-        if status.get("status") != "finished:completed":
+        if status.get("status") != COMPLETED:
             log_text = (workdir / "superlink.log").read_text(errors="replace")[-4000:]
             raise RuntimeError(f"run ended as {status.get('status')!r}:\n{log_text}")
     return cfg, status
@@ -291,16 +274,18 @@ def _positive_int(value: str) -> int:
     return int(value)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sims.launch.run", description=__doc__.split("\n")[0])
-    parser.add_argument(
+def parser() -> argparse.ArgumentParser:
+    """The launcher's command line."""
+    doc = (__doc__ or "").split("\n")[0]
+    p = argparse.ArgumentParser(prog="python -m sims.launch.run", description=doc)
+    p.add_argument(
         "--run-config",
         "-c",
         action="append",
         default=[],
         help='overrides in Flower syntax, e.g. "bits=2 num-server-rounds=5" (repeatable)',
     )
-    parser.add_argument(
+    p.add_argument(
         "--ray-address",
         type=_ray_address_arg,
         default=os.environ.get("RAY_ADDRESS") or None,
@@ -308,27 +293,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="attach to this running Ray cluster (the head's GCS address, or 'auto') "
         "instead of starting a local Ray; default: $RAY_ADDRESS if set",
     )
-    parser.add_argument(
+    p.add_argument(
         "--client-cpus",
         type=_positive_int,
         default=1,
         help="CPUs Ray reserves per simulated client (default 1: clients use one thread)",
     )
-    parser.add_argument(
+    p.add_argument(
         "--client-gpus",
         type=float,
         default=0.0,
         help="share of a GPU Ray reserves per simulated client (default 0)",
     )
-    parser.add_argument(
+    p.add_argument(
         "--workdir",
         type=Path,
         default=None,
         help="keep the SuperLink's folder and log here (default: a temporary folder)",
     )
-    args = parser.parse_args(argv)
-    if args.client_gpus < 0:
-        parser.error(f"--client-gpus must be >= 0, got {args.client_gpus}")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one simulation from the command line.
+
+    Exit status: 0 when the run completed, 2 for a bad argument or run-config value
+    (nothing started; the message names the key and the value), 1 when the run failed.
+    """
+    arg_parser = parser()
+    args = arg_parser.parse_args(argv)
+    if not args.client_gpus >= 0:
+        arg_parser.error(f"--client-gpus must be >= 0, got {args.client_gpus}")
     where = f"Ray cluster at {args.ray_address}" if args.ray_address else "a local Ray"
     print(f"simulation on {where}", file=sys.stderr)
     try:
@@ -342,10 +337,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (RuntimeError, TimeoutError) as err:
+    except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    results = Path(cfg.out_dir).resolve() / "results.json"
+    results = Path(cfg.run.out_dir).resolve() / "results.json"
     summary = json.loads(results.read_text())["summary"]
     print(f"run {status.get('run-id')} {status.get('status')}; results in {results.parent}")
     print(json.dumps(summary, indent=2))
