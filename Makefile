@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedquant-installed
 
-.PHONY: install demo test test-slow bench bench-private bench-overhead clean
+.PHONY: install demo lint test test-slow bench bench-private bench-overhead clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ install: $(STAMP)
 
 demo: install
 	$(PY) -m sims.launch.run $(if $(RUN_CONFIG),--run-config "$(RUN_CONFIG)")
+
+# Lint, format and types (strict for fedquant/); CI runs it before the tests.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # The default suite; the slow end-to-end deployments and Ray cluster run in test-slow.
 test: install

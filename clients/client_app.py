@@ -18,13 +18,13 @@ with a ``budget-exhausted`` status instead of an update.
 
 What leaves the node (threat model: README "Privacy"): the DP-SGD output, quantized
 (post-processing), and the metrics in ``fedquant.payload.REPLY_METRICS``, none of them
-computed from the examples except through a charged mechanism. The randomness that protects the examples
-is drawn from OS entropy (:func:`privacy_generator`), never from values the server knows.
+computed from the examples except through a charged mechanism. The randomness that
+protects the examples is drawn from OS entropy (:func:`privacy_generator`), never from
+values the server knows.
 """
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,17 +36,18 @@ from flwr.clientapp import ClientApp
 from fedquant.accounting import PrivacyLedger
 from fedquant.config import PayloadMode, RunConfig
 from fedquant.data import Split, load_partition
-from fedquant.dpquant import LayerScheduler, QuantPolicy
-from fedquant.fakequant import quantizable_layers
+from fedquant.dpquant import LayerScheduler
+from fedquant.fakequant import QConv2d, QLinear, quantizable_layers
 from fedquant.models import build_model
 from fedquant.node_state import RECORDS, NodeState, NodeStateStore, PrivacyRecord
 from fedquant.payload import encode_update
+from fedquant.seeds import node_seed
 from fedquant.training import (
-    DPSettings,
-    QuantSettings,
+    LayerQuantization,
+    PrivateTraining,
     calibrate_client_noise,
+    client_round_plan,
     planned_mechanisms,
-    round_plan,
     train_round,
 )
 
@@ -58,12 +59,6 @@ METRICS_KEY = "metrics"
 _SEEDED_NOISE_STREAM = 1
 
 app = ClientApp()
-
-
-def node_seed(*parts: int) -> int:
-    """A 63-bit seed derived from (run seed, round, partition, ...), not the clock."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def privacy_generator(cfg: RunConfig, server_round: int, partition_id: int) -> torch.Generator:
@@ -113,48 +108,17 @@ def node_state_store(
     return None
 
 
-def quant_settings(cfg: RunConfig) -> QuantSettings | None:
-    if cfg.dpquant.policy is QuantPolicy.NONE or cfg.dpquant.train_ratio == 0.0:
-        return None
-    return QuantSettings(
-        policy=cfg.dpquant.policy,
-        ratio=cfg.dpquant.train_ratio,
-        fmt=cfg.dpquant.format,
-        beta=cfg.dpquant.beta,
-        alpha=cfg.dpquant.alpha,
-        estimator_clip=cfg.dpquant.clip,
-        estimator_noise=cfg.dpquant.noise,
-        estimator_rate=cfg.dpquant.sample_rate,
-        period=cfg.dpquant.period,
-        low_precision_speedup=cfg.dpquant.low_precision_speedup,
-    )
-
-
-def dp_settings(cfg: RunConfig) -> DPSettings | None:
-    if not cfg.dp.enabled:
-        return None
-    return DPSettings(cfg.dp.target_epsilon, cfg.dp.target_delta, cfg.dp.max_grad_norm, cfg.dp.accountant)
-
-
 def node_state(context: Context, store: NodeStateStore | None, *, private: bool) -> NodeState:
-    """This node's state: from ``Context.state`` while the process lives, else (after a
-    start or restart) from its state file; fails closed (NodeStateError) on damage."""
+    """This node's state, from memory or from its state file.
+
+    From ``Context.state`` while the process lives, else (after a start or restart) from
+    its state file; fails closed (NodeStateError) on damage.
+    """
     if any(name in context.state for name in RECORDS):
         records = {name: dict(context.state[name]) for name in RECORDS if name in context.state}
         return NodeState.from_records(records, source="Context.state")
     loaded = store.load(require_privacy=private) if store is not None else None
     return loaded if loaded is not None else NodeState()
-
-
-def new_scheduler(*, n_layers: int, quant: QuantSettings, seed: int) -> LayerScheduler:
-    return LayerScheduler(
-        n_layers=n_layers,
-        policy=quant.policy,
-        ratio=quant.ratio,
-        beta=quant.beta,
-        alpha=quant.alpha,
-        seed=seed,
-    )
 
 
 @dataclass
@@ -170,7 +134,7 @@ class LocalRound:
     partition_id: int
     global_state: dict[str, torch.Tensor]
     local_state: dict[str, torch.Tensor]
-    metrics: dict[str, int | float | list[int]]
+    metrics: dict[str, int | float | list[int] | list[float]]
     exhausted_epsilon: float | None = None
 
 
@@ -200,32 +164,39 @@ def local_train(msg: Message, context: Context) -> LocalRound:
     """Load the global weights, train on this node's partition, update its state."""
     torch.set_num_threads(1)  # one simulated client per core; faster than 2 here
     cfg = RunConfig.from_flower(context.run_config)
-    server_round = int(msg.content[CONFIG_KEY]["server-round"])
+    server_round = msg.content.config_records[CONFIG_KEY]["server-round"]
+    if isinstance(server_round, bool) or not isinstance(server_round, int):
+        raise ValueError(f"instruction 'server-round' must be an integer, got {server_round!r}")
     partition_id, data = node_partition(context, cfg)
     store = node_state_store(context, cfg, partition_id)
-    dp, quant = dp_settings(cfg), quant_settings(cfg)
-    state = node_state(context, store, private=dp is not None)
+    private = cfg.dp.enabled
+    state = node_state(context, store, private=private)
 
-    global_state = msg.content[ARRAYS_KEY].to_torch_state_dict()
+    global_state = msg.content.array_records[ARRAYS_KEY].to_torch_state_dict()
     model = build_model(cfg.train.model, seed=cfg.run.seed)
     model.load_state_dict(global_state)
-    for _, layer in quantizable_layers(model):
-        layer.act_scale = cfg.dpquant.act_scale
+    for layer in model.modules():
+        if isinstance(layer, QLinear | QConv2d):
+            layer.act_scale = cfg.dpquant.act_scale
 
-    plan = round_plan(
-        len(data), batch_size=cfg.train.batch_size, epochs=cfg.train.local_epochs, max_steps=cfg.train.local_steps
-    )
+    plan = client_round_plan(cfg.train, len(data))
     scheduler = state.scheduler
-    if quant is not None and scheduler is None:
-        scheduler = new_scheduler(
-            n_layers=len(quantizable_layers(model)), quant=quant,
-            seed=node_seed(cfg.run.seed, partition_id),
-        )
-    ledger, noise = None, None
-    if dp is not None:
+    quantization = None
+    if cfg.dpquant.active:
+        if scheduler is None:
+            scheduler = LayerScheduler.from_settings(
+                cfg.dpquant,
+                n_layers=len(quantizable_layers(model)),
+                seed=node_seed(cfg.run.seed, partition_id),
+            )
+        quantization = LayerQuantization(cfg.dpquant, scheduler)
+    privacy = None
+    if private:
         if state.privacy is None:
             # Calibrated once, for every round the run plans; never re-derived.
-            noise = calibrate_client_noise(plan, rounds=cfg.run.num_server_rounds, dp=dp, quant=quant)
+            noise = calibrate_client_noise(
+                plan, rounds=cfg.run.num_server_rounds, dp=cfg.dp, quant=cfg.dpquant
+            )
             ledger = PrivacyLedger()
         else:
             noise, ledger = state.privacy.noise_multiplier, state.privacy.ledger
@@ -233,44 +204,49 @@ def local_train(msg: Message, context: Context) -> LocalRound:
             plan,
             rounds=1,
             noise=noise,
-            quant=quant,
+            quant=cfg.dpquant,
             epochs_before=scheduler.epochs_done if scheduler else 0,
         )
-        delta, accountant = dp.target_delta, dp.accountant
-        if ledger.epsilon_if(*this_round, delta=delta, accountant=accountant) > dp.target_epsilon:
+        delta, accountant = cfg.dp.target_delta, cfg.dp.accountant
+        if ledger.epsilon_if(*this_round, delta=delta, accountant=accountant) > (
+            cfg.dp.target_epsilon
+        ):
             return LocalRound(
-                cfg, server_round, partition_id, global_state, global_state, {},
+                cfg,
+                server_round,
+                partition_id,
+                global_state,
+                global_state,
+                {},
                 exhausted_epsilon=ledger.epsilon(delta=delta, accountant=accountant),
             )
+        privacy = PrivateTraining(noise, cfg.dp.max_grad_norm, ledger)
 
     stats = train_round(
         model,
         data,
         plan=plan,
-        lr=cfg.train.dp_lr if dp is not None else cfg.train.lr,
-        momentum=cfg.train.momentum,
-        batch_size=cfg.train.batch_size,
+        train=cfg.train,
+        privacy=privacy,
+        quantization=quantization,
         privacy_rng=privacy_generator(cfg, server_round, partition_id),
-        scheduler=scheduler if quant is not None else None,
-        quant=quant,
-        noise_multiplier=noise,
-        max_grad_norm=cfg.dp.max_grad_norm,
-        ledger=ledger,
     )
 
-    metrics: dict[str, int | float | list[int]] = {
+    metrics: dict[str, int | float | list[int] | list[float]] = {
         "num-examples": len(data),
         "server-round": server_round,
         "speedup": stats.speedup,
         "local-epochs": stats.epochs,
         "quantized-epochs": stats.quantized_epochs,
     }
-    privacy = state.privacy
-    if dp is not None and ledger is not None and noise is not None:
-        privacy = PrivacyRecord(ledger, noise)
-        metrics["epsilon"] = ledger.epsilon(delta=dp.target_delta, accountant=dp.accountant)
-        metrics["noise-multiplier"] = noise
-    new_state = NodeState(privacy=privacy, scheduler=scheduler)
+    privacy_record = state.privacy
+    if privacy is not None:
+        privacy_record = PrivacyRecord(privacy.ledger, privacy.noise_multiplier)
+        metrics["epsilon"] = privacy.ledger.epsilon(
+            delta=cfg.dp.target_delta, accountant=cfg.dp.accountant
+        )
+        metrics["noise-multiplier"] = privacy.noise_multiplier
+    new_state = NodeState(privacy=privacy_record, scheduler=scheduler)
     for name, record in new_state.to_records().items():
         context.state[name] = ConfigRecord(record)
     if store is not None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,11 +38,13 @@ import numpy as np
 
 # isort: off
 import fedquant._opacus  # noqa: F401  (before Opacus: drops its root log handler)
+
 # isort: on
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from threadpoolctl import threadpool_limits
 
+from fedquant.checks import is_finite, is_int, is_real
 from fedquant.config import Accountant
 
 __all__ = ["Accountant", "MechanismStep", "PrivacyLedger", "calibrate_noise", "check_target"]
@@ -56,24 +57,6 @@ ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)
 """RDP orders α at which ε is optimised: Opacus' RDPAccountant.DEFAULT_ALPHAS."""
 
 _KEYS = ("noise", "rate", "steps")
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
-
-
-def _finite(value: object) -> bool:
-    """A real number (not bool) that converts to a finite float."""
-    if not _is_real(value):
-        return False
-    try:
-        return math.isfinite(float(value))  # type: ignore[arg-type]
-    except OverflowError:  # an int beyond float range
-        return False
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
 
 
 @dataclass(frozen=True)
@@ -90,11 +73,11 @@ class MechanismStep:
 
     def __post_init__(self) -> None:
         sigma, q, steps = self.noise_multiplier, self.sample_rate, self.steps
-        if not _finite(sigma) or sigma <= 0:
+        if not is_finite(sigma) or sigma <= 0:
             raise ValueError(f"`noise_multiplier` must be finite and > 0. Found `{sigma!r}`.")
-        if not _finite(q) or not 0 < q <= 1:
+        if not is_finite(q) or not 0 < q <= 1:
             raise ValueError(f"`sample_rate` must be in (0, 1]. Found `{q!r}`.")
-        if not _is_int(steps) or steps < 1:
+        if not is_int(steps) or steps < 1:
             raise ValueError(f"`steps` must be an integer >= 1. Found `{steps!r}`.")
         # Normalise numpy scalars to Python numbers (hashable, JSON/record friendly).
         object.__setattr__(self, "noise_multiplier", float(sigma))
@@ -124,7 +107,7 @@ def _grouped(history: Iterable[MechanismStep]) -> tuple[MechanismStep, ...]:
 
 def _epsilon(history: Iterable[MechanismStep], delta: float, accountant: Accountant) -> float:
     """ε of the composition of ``history`` at ``delta`` (0.0 when empty)."""
-    if not _is_real(delta) or not 0 < delta < 1:
+    if not is_real(delta) or not 0 < delta < 1:
         raise ValueError(f"`delta` must be in (0, 1). Found `{delta!r}`.")
     if not isinstance(accountant, Accountant):
         raise ValueError(f"`accountant` must be an Accountant. Found `{accountant!r}`.")
@@ -146,8 +129,10 @@ def _rdp_epsilon(grouped: tuple[MechanismStep, ...], delta: float) -> float:
 
 @functools.lru_cache(maxsize=1024)
 def _prv_epsilon(grouped: tuple[MechanismStep, ...], delta: float) -> float:
-    """Opacus' PRV upper bound; cached, since a round asks for the same history twice
-    (the budget check before training and the ε reported after it).
+    """Opacus' PRV upper bound ε_up (Gopi et al. 2021, Theorem 5.5).
+
+    Cached, since a round asks for the same history twice (the budget check before
+    training and the ε reported after it).
 
     Where the PRV discretisation fails numerically (Opacus raises for extreme
     histories, e.g. a δ too small for its domain), the RDP bound is returned: it is a
@@ -241,7 +226,7 @@ class PrivacyLedger:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Sequence]) -> PrivacyLedger:
+    def from_dict(cls, d: Mapping[str, Sequence[object]]) -> PrivacyLedger:
         """Inverse of :meth:`to_dict`; strict: any malformed input raises ``ValueError``.
 
         Requires exactly the keys "noise", "rate", "steps", each a list or tuple of the same
@@ -288,13 +273,16 @@ def check_target(
     extra: Sequence[MechanismStep] = (),
     max_noise: float = 1e3,
 ) -> None:
-    """Raise ``ValueError`` unless some σ <= ``max_noise`` meets the target (see
-    :func:`calibrate_noise`): when ``extra`` alone already spends it, or when even
-    ``max_noise`` does not meet it. Two ε evaluations, where a calibration takes dozens.
+    """Raise ``ValueError`` unless some σ <= ``max_noise`` meets the target.
+
+    What :func:`calibrate_noise` would raise: when ``extra`` alone already spends the
+    target, or when even ``max_noise`` does not meet it (ε is decreasing in σ, so
+    ε(max_noise) <= target is necessary and sufficient). Two ε evaluations, where a
+    calibration takes dozens.
     """
-    if not _finite(target_epsilon) or target_epsilon <= 0:
+    if not is_finite(target_epsilon) or target_epsilon <= 0:
         raise ValueError(f"`target_epsilon` must be finite and > 0. Found `{target_epsilon!r}`.")
-    if not _finite(max_noise) or max_noise <= 0:
+    if not is_finite(max_noise) or max_noise <= 0:
         raise ValueError(f"`max_noise` must be finite and > 0. Found `{max_noise!r}`.")
     if not isinstance(accountant, Accountant):
         raise ValueError(f"`accountant` must be an Accountant. Found `{accountant!r}`.")
@@ -346,11 +334,15 @@ def calibrate_noise(
     Raises ``ValueError`` when the target is impossible (:func:`check_target`).
     """
     budget = {
-        "target_epsilon": target_epsilon, "delta": delta, "sample_rate": sample_rate,
-        "steps": steps, "extra": extra, "max_noise": max_noise,
+        "target_epsilon": target_epsilon,
+        "delta": delta,
+        "sample_rate": sample_rate,
+        "steps": steps,
+        "extra": extra,
+        "max_noise": max_noise,
     }
     check_target(**budget, accountant=accountant)  # type: ignore[arg-type]
-    if not _finite(tol) or tol <= 0:
+    if not is_finite(tol) or tol <= 0:
         raise ValueError(f"`tol` must be finite and > 0. Found `{tol!r}`.")
     target = float(target_epsilon)
 

@@ -201,7 +201,9 @@ def _key_of(f: dataclasses.Field[Any]) -> str:
 def _positive_int(section: object, *names: str) -> None:
     for name in names:
         if getattr(section, name) < 1:
-            raise ConfigError(_key_of(_field(section, name)), getattr(section, name), "must be >= 1")
+            raise ConfigError(
+                _key_of(_field(section, name)), getattr(section, name), "must be >= 1"
+            )
 
 
 def _positive(section: object, *names: str) -> None:
@@ -220,7 +222,9 @@ def _in_unit(section: object, name: str, *, closed_below: bool) -> None:
 def _off_or_at_least_one(section: object, name: str, what: str) -> None:
     value = getattr(section, name)
     if not (value == 0.0 or 1.0 <= value < math.inf):
-        raise ConfigError(_key_of(_field(section, name)), value, f"must be 0 ({what}) or finite and >= 1")
+        raise ConfigError(
+            _key_of(_field(section, name)), value, f"must be 0 ({what}) or finite and >= 1"
+        )
 
 
 def _field(section: object, name: str) -> dataclasses.Field[Any]:
@@ -465,7 +469,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         sampled = self.run.sampled_per_round
         robust = self.robust
-        if robust.aggregator in ("median", "trimmed-mean") and 2 * robust.byzantine_clients >= sampled:
+        if (
+            robust.aggregator in ("median", "trimmed-mean")
+            and 2 * robust.byzantine_clients >= sampled
+        ):
             raise ConfigError(
                 "byzantine-clients",
                 robust.byzantine_clients,

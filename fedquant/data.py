@@ -25,14 +25,12 @@ asked for.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gzip
 import hashlib
 import importlib.util
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,6 +39,7 @@ import numpy as np
 import torch
 
 from fedquant.config import Partitioning
+from fedquant.files import write_atomically
 
 if TYPE_CHECKING:
     from flwr_datasets.partitioner import Partitioner
@@ -103,6 +102,8 @@ class CodeSplit:
 
 @dataclass(frozen=True)
 class MnistCodes:
+    """The three splits as stored: uint8 pixel codes and labels."""
+
     train: CodeSplit
     val: CodeSplit
     test: CodeSplit
@@ -120,14 +121,17 @@ class Mnist:
 
     @functools.cached_property
     def train(self) -> Split:
+        """The train split, normalized."""
         return self.codes.train.normalized()
 
     @functools.cached_property
     def val(self) -> Split:
+        """The val split, normalized."""
         return self.codes.val.normalized()
 
     @functools.cached_property
     def test(self) -> Split:
+        """The test split, normalized."""
         return self.codes.test.normalized()
 
 
@@ -145,7 +149,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         if (module, name) not in self._ALLOWED:
             raise DataFileError(f"refusing to unpickle global {module}.{name}")
         if name == "_reconstruct":
-            return np._core.multiarray._reconstruct
+            return np._core.multiarray._reconstruct  # type: ignore[attr-defined]
         return getattr(np, name)
 
 
@@ -212,17 +216,8 @@ def _read_source(file: Path) -> bytes:
 def _write_cache(path: Path, data: bytes) -> bool:
     """Write ``data`` to ``path`` atomically (other processes may race); False if impossible."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        write_atomically(path, lambda f: f.write(data))
     except OSError:
-        return False
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         return False
     return True
 
@@ -321,13 +316,18 @@ def partition_indices(
     the partitioner until each holds at least ``min_partition_size`` examples.
     A client needs one partition: ``partition_of`` computes only that one.
     """
-    settings = {
-        "num_partitions": num_partitions, "partitioning": partitioning, "alpha": alpha, "seed": seed
-    }
     partitioner = (
-        _cached_partitioner(**settings)
+        _cached_partitioner(
+            num_partitions=num_partitions, partitioning=partitioning, alpha=alpha, seed=seed
+        )
         if labels is None
-        else _make_partitioner(np.asarray(labels, dtype=np.int64), **settings)
+        else _make_partitioner(
+            np.asarray(labels, dtype=np.int64),
+            num_partitions=num_partitions,
+            partitioning=partitioning,
+            alpha=alpha,
+            seed=seed,
+        )
     )
     return tuple(_indices(partitioner, i) for i in range(num_partitions))
 

@@ -16,53 +16,33 @@ Each epoch only k = round(ratio · n) of the n quantizable layers are quantized:
 
 Speedups are theoretical, as in the paper (:func:`theoretical_speedup`).
 
-Defaults for the constants the paper leaves open (β, α, C_a, σ_a, q_a, P):
-
-* ``DEFAULT_BETA = 5.0``: per-layer loss differences of 4-bit quantization are ~0.05-0.5
-  nats, so β·ΔL ~ 0.25-2.5: a clear but not absolute preference for insensitive layers
-  (β = 0 is PLS alone, β → ∞ always picks the k least sensitive layers).
-* ``DEFAULT_ALPHA = 0.5``: an estimate every P = 2 epochs is an average of only q_a·|D|
-  examples plus noise; α = 0.5 halves the noise variance of a single estimate at
-  stationarity (α/(2-α) = 1/3) while following the model within two estimates.
-* ``DEFAULT_ESTIMATOR_CLIP = 1.0`` (C_a): bounds ‖r(x)‖₂ over all n layers; typical
-  small-model vectors (n ≲ 10, entries ≲ 0.3) are mostly unclipped, so R̂ stays nearly
-  unbiased while the sensitivity stays 1.
-* ``DEFAULT_ESTIMATOR_NOISE = 3.0`` (σ_a): charged with the RDP accountant, one query
-  (σ_a = 3, q_a = 0.05) every 2 epochs costs < 0.2% of ε = 8 and < 2% of ε = 2 over
-  runs of up to 50 epochs with q = 32/5000 (measured: ε of training σ calibrated
-  alone, plus the queries). σ_a = 2 costs 1.8-4.7% at ε = 2 and σ_a = 1 up to 37%.
-  The price is noise: the std of R̂_i is σ_a·C_a / (q_a·|D|) = 0.012 for |D| = 5000.
-* ``DEFAULT_ESTIMATOR_RATE = 0.05`` (q_a): 5% of the local data per estimate, i.e.
-  ~250 examples of a 5000-example client, (n + 1) forward passes each.
-* ``DEFAULT_PERIOD = 2`` epochs (P): the paper's value.
+The constants the paper leaves open (β, α, C_a, σ_a, q_a, P) are settings of a run:
+:class:`fedquant.config.DPQuantSettings` holds them, their defaults and the reasons for
+those defaults; :meth:`LayerScheduler.from_settings` and ``fedquant.training`` take them
+from there.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
 
 # isort: off
 import fedquant._opacus  # noqa: F401  (before Opacus: drops its root log handler)
+
 # isort: on
 from opacus.optimizers.optimizer import _generate_noise
 from torch import nn
 
-from fedquant.config import QuantPolicy
+from fedquant.checks import is_finite, is_int, is_real
+from fedquant.config import DPQuantSettings, QuantPolicy
 
 __all__ = [
-    "DEFAULT_ALPHA",
-    "DEFAULT_BETA",
-    "DEFAULT_ESTIMATOR_CLIP",
-    "DEFAULT_ESTIMATOR_NOISE",
-    "DEFAULT_ESTIMATOR_RATE",
-    "DEFAULT_PERIOD",
     "LayerScheduler",
     "QuantPolicy",
     "estimate_sensitivity",
@@ -74,43 +54,20 @@ __all__ = [
     "theoretical_speedup",
 ]
 
-DEFAULT_BETA = 5.0
-DEFAULT_ALPHA = 0.5
-DEFAULT_ESTIMATOR_CLIP = 1.0
-DEFAULT_ESTIMATOR_NOISE = 3.0
-DEFAULT_ESTIMATOR_RATE = 0.05
-DEFAULT_PERIOD = 2
-
 # Spawn keys separating the scheduler's random streams derived from one seed.
 _STATIC_STREAM = 0
 _EPOCH_STREAM = 1
 
 
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
-
-
-def _finite(value: object) -> bool:
-    if not _is_real(value):
-        return False
-    try:
-        return math.isfinite(float(value))  # type: ignore[arg-type]
-    except OverflowError:
-        return False
-
-
 def num_quantized(n_layers: int, ratio: float) -> int:
-    """k = round(ratio · n), rounding halves up (not Python's round-half-to-even).
+    """The number of layers quantized: k = round(ratio · n), halves rounded up.
 
+    Halves go up, not to even as in Python's ``round``: 0.5 · 5 → 3 (``round`` gives 2).
     A 1e-9 slack absorbs float error in ratio · n (0.7 · 5 = 3.4999999999999996 → 4).
     """
-    if not _is_int(n_layers) or n_layers < 0:
+    if not is_int(n_layers) or n_layers < 0:
         raise ValueError(f"`n_layers` must be an integer >= 0. Found `{n_layers!r}`.")
-    if not _finite(ratio) or not 0 <= ratio <= 1:
+    if not is_finite(ratio) or not 0 <= ratio <= 1:
         raise ValueError(f"`ratio` must be in [0, 1]. Found `{ratio!r}`.")
     return min(int(n_layers), math.floor(float(ratio) * n_layers + 0.5 + 1e-9))
 
@@ -137,16 +94,17 @@ def selection_probabilities(sensitivity: np.ndarray, *, beta: float) -> np.ndarr
     L = _vector(sensitivity, "sensitivity")
     if L.shape[0] == 0:
         raise ValueError("`sensitivity` must have at least one layer.")
-    if not _finite(beta) or beta < 0:
+    if not is_finite(beta) or beta < 0:
         raise ValueError(f"`beta` must be finite and >= 0. Found `{beta!r}`.")
     z = -float(beta) * L
     z -= z.max()
-    e = np.exp(z)
-    return e / e.sum()
+    e: np.ndarray = np.exp(z)
+    probabilities: np.ndarray = e / e.sum()
+    return probabilities
 
 
 def sample_layers(probabilities: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
-    """k distinct layer indices by successive sampling without replacement, sorted.
+    """Draw k distinct layer indices by successive sampling without replacement, sorted.
 
     Successive sampling: the first index is drawn from π, each next one from π restricted
     to the indices not yet drawn and renormalised (numpy's
@@ -158,7 +116,7 @@ def sample_layers(probabilities: np.ndarray, k: int, rng: np.random.Generator) -
     """
     p = _vector(probabilities, "probabilities")
     n = p.shape[0]
-    if not _is_int(k) or not 0 <= k <= n:
+    if not is_int(k) or not 0 <= k <= n:
         raise ValueError(f"`k` must be an integer in [0, {n}]. Found `{k!r}`.")
     if np.any(p < 0) or not math.isclose(p.sum(), 1.0, rel_tol=1e-9, abs_tol=1e-9):
         raise ValueError(f"`probabilities` must be >= 0 and sum to 1. Found `{p}`.")
@@ -184,6 +142,8 @@ def _static_subset(n_layers: int, k: int, seed: int) -> list[int]:
     return sorted(int(i) for i in rng.choice(n_layers, size=k, replace=False))
 
 
+_DEFAULTS = DPQuantSettings()
+
 _FIELDS = (
     "n_layers",
     "policy",
@@ -195,6 +155,18 @@ _FIELDS = (
     "static_subset",
     "epochs_done",
 )
+
+
+def _policy(value: object) -> QuantPolicy:
+    """``value`` as a QuantPolicy (the enum itself or its string value); ValueError else."""
+    if isinstance(value, QuantPolicy):
+        return value
+    try:
+        return QuantPolicy(value)
+    except ValueError as e:
+        raise ValueError(
+            f"`policy` must be one of {[p.value for p in QuantPolicy]}. Found `{value!r}`."
+        ) from e
 
 
 @dataclass(eq=False)
@@ -210,42 +182,38 @@ class LayerScheduler:
     :meth:`update_sensitivity`; ``seed`` >= 0; ``sensitivity`` L, shape (n,), starts at
     zeros (uniform π); ``static_subset`` the fixed subset of STATIC (drawn from the seed
     when not given; ``[]`` for other policies); ``epochs_done`` epochs scheduled so far.
+    A run builds it with :meth:`from_settings`; policy, ratio, β and α are also part of
+    the persisted state, so a restored schedule goes on with the constants it began with.
+    The defaults of β and α are :class:`~fedquant.config.DPQuantSettings`'.
     """
 
     n_layers: int
     policy: QuantPolicy
     ratio: float
-    beta: float = DEFAULT_BETA
-    alpha: float = DEFAULT_ALPHA
+    beta: float = _DEFAULTS.beta
+    alpha: float = _DEFAULTS.alpha
     seed: int = 0
     sensitivity: np.ndarray | None = None
     static_subset: list[int] | None = None
     epochs_done: int = 0
 
     def __post_init__(self) -> None:
-        if not _is_int(self.n_layers) or self.n_layers < 1:
+        if not is_int(self.n_layers) or self.n_layers < 1:
             raise ValueError(f"`n_layers` must be an integer >= 1. Found `{self.n_layers!r}`.")
         self.n_layers = int(self.n_layers)
-        if not isinstance(self.policy, QuantPolicy):
-            try:
-                self.policy = QuantPolicy(self.policy)
-            except ValueError as e:
-                raise ValueError(
-                    f"`policy` must be one of {[p.value for p in QuantPolicy]}. "
-                    f"Found `{self.policy!r}`."
-                ) from e
+        self.policy = _policy(self.policy)
         k = num_quantized(self.n_layers, self.ratio)
         self.ratio = float(self.ratio)
-        if not _finite(self.beta) or self.beta < 0:
+        if not is_finite(self.beta) or self.beta < 0:
             raise ValueError(f"`beta` must be finite and >= 0. Found `{self.beta!r}`.")
         self.beta = float(self.beta)
-        if not _finite(self.alpha) or not 0 < self.alpha <= 1:
+        if not is_finite(self.alpha) or not 0 < self.alpha <= 1:
             raise ValueError(f"`alpha` must be in (0, 1]. Found `{self.alpha!r}`.")
         self.alpha = float(self.alpha)
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+        if not is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise ValueError(f"`seed` must be an integer in [0, 2**63). Found `{self.seed!r}`.")
         self.seed = int(self.seed)
-        if not _is_int(self.epochs_done) or not 0 <= self.epochs_done < 2**63:
+        if not is_int(self.epochs_done) or not 0 <= self.epochs_done < 2**63:
             raise ValueError(
                 f"`epochs_done` must be an integer >= 0. Found `{self.epochs_done!r}`."
             )
@@ -266,7 +234,7 @@ class LayerScheduler:
             if (
                 not isinstance(subset, list | tuple)
                 or len(subset) != want
-                or not all(_is_int(i) and 0 <= i < self.n_layers for i in subset)
+                or not all(is_int(i) and 0 <= i < self.n_layers for i in subset)
                 or len(set(subset)) != len(subset)
             ):
                 raise ValueError(
@@ -274,6 +242,23 @@ class LayerScheduler:
                     f"[0, {self.n_layers}) for policy {self.policy.value}. Found `{subset!r}`."
                 )
             self.static_subset = sorted(int(i) for i in subset)
+
+    @classmethod
+    def from_settings(cls, settings: DPQuantSettings, *, n_layers: int, seed: int) -> Self:
+        """A fresh schedule of ``n_layers`` layers with a run's DPQuant settings.
+
+        Policy, ratio, β and α come from ``settings``; the sensitivity EMA starts at zeros.
+        ``seed`` drives the layer draws only (public by design: the subsets are not
+        computed from the examples), never the estimator's subsample or noise.
+        """
+        return cls(
+            n_layers=n_layers,
+            policy=settings.policy,
+            ratio=settings.train_ratio,
+            beta=settings.beta,
+            alpha=settings.alpha,
+            seed=seed,
+        )
 
     @property
     def k(self) -> int:
@@ -333,7 +318,7 @@ class LayerScheduler:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> LayerScheduler:
+    def from_dict(cls, d: Mapping[str, Any]) -> Self:
         """Inverse of :meth:`to_dict`; strict (exact keys, types, ranges) → ``ValueError``."""
         if not isinstance(d, Mapping):
             raise ValueError(f"a layer scheduler must be a mapping. Found `{type(d).__name__}`.")
@@ -347,14 +332,14 @@ class LayerScheduler:
         for key in ("sensitivity", "static_subset"):
             if not isinstance(d[key], list | tuple):
                 raise ValueError(f"`{key}` must be a list. Found `{d[key]!r}`.")
-        if not all(_is_real(v) for v in d["sensitivity"]):
+        if not all(is_real(v) for v in d["sensitivity"]):
             raise ValueError(f"`sensitivity` must hold real numbers. Found `{d['sensitivity']!r}`.")
         for key in ("ratio", "beta", "alpha"):
-            if not _is_real(d[key]):
+            if not is_real(d[key]):
                 raise ValueError(f"`{key}` must be a real number. Found `{d[key]!r}`.")
         return cls(
             n_layers=d["n_layers"],
-            policy=d["policy"],
+            policy=_policy(d["policy"]),
             ratio=d["ratio"],
             beta=d["beta"],
             alpha=d["alpha"],
@@ -401,13 +386,13 @@ def estimate_sensitivity(
     Runs under ``torch.no_grad()``; put the model in eval mode in ``per_example_losses``
     if it has batch-dependent layers.
     """
-    if not _is_int(n_layers) or n_layers < 1:
+    if not is_int(n_layers) or n_layers < 1:
         raise ValueError(f"`n_layers` must be an integer >= 1. Found `{n_layers!r}`.")
-    if not _finite(sample_rate) or not 0 < sample_rate <= 1:
+    if not is_finite(sample_rate) or not 0 < sample_rate <= 1:
         raise ValueError(f"`sample_rate` must be in (0, 1]. Found `{sample_rate!r}`.")
-    if not _finite(clip) or clip <= 0:
+    if not is_finite(clip) or clip <= 0:
         raise ValueError(f"`clip` must be finite and > 0. Found `{clip!r}`.")
-    if not _finite(noise_multiplier) or noise_multiplier < 0:
+    if not is_finite(noise_multiplier) or noise_multiplier < 0:
         raise ValueError(
             f"`noise_multiplier` must be finite and >= 0. Found `{noise_multiplier!r}`."
         )
@@ -443,7 +428,8 @@ def estimate_sensitivity(
         secure_mode=True,
     )
     total = total + noise.cpu().to(torch.float64)
-    return (total / (float(sample_rate) * size)).numpy()
+    estimate: np.ndarray = (total / (float(sample_rate) * size)).numpy()
+    return estimate
 
 
 def _losses(
@@ -554,14 +540,14 @@ def theoretical_speedup(
     if f.sum() <= 0:
         raise ValueError(f"`flops` must not all be zero. Found `{flops}`.")
     q = list(quantized)
-    if not all(_is_int(i) and 0 <= i < f.size for i in q) or len(set(q)) != len(q):
+    if not all(is_int(i) and 0 <= i < f.size for i in q) or len(set(q)) != len(q):
         raise ValueError(f"`quantized` must be distinct indices in [0, {f.size}). Found `{q}`.")
-    if not _finite(low_precision_speedup) or low_precision_speedup <= 0:
+    if not is_finite(low_precision_speedup) or low_precision_speedup <= 0:
         raise ValueError(
             f"`low_precision_speedup` must be finite and > 0. Found `{low_precision_speedup!r}`."
         )
     for name, value in (("other_flops", other_flops), ("analysis_flops", analysis_flops)):
-        if not _finite(value) or value < 0:
+        if not is_finite(value) or value < 0:
             raise ValueError(f"`{name}` must be finite and >= 0. Found `{value!r}`.")
     quantizable = float(f.sum())
     p = float(f[q].sum()) / quantizable if q else 0.0
@@ -579,9 +565,9 @@ def estimator_flops(
     (n + 1) full-model forward passes (all at full precision, conservatively) over the
     expected q_a · |D| subsampled examples: (n + 1) · (Σ flops + other) · q_a · |D|.
     """
-    if not _is_int(n_examples) or n_examples < 0:
+    if not is_int(n_examples) or n_examples < 0:
         raise ValueError(f"`n_examples` must be an integer >= 0. Found `{n_examples!r}`.")
-    if not _finite(sample_rate) or not 0 < sample_rate <= 1:
+    if not is_finite(sample_rate) or not 0 < sample_rate <= 1:
         raise ValueError(f"`sample_rate` must be in (0, 1]. Found `{sample_rate!r}`.")
     per_pass = float(np.sum(np.asarray(flops, dtype=np.float64))) + float(other_flops)
     return (len(flops) + 1) * per_pass * float(sample_rate) * n_examples

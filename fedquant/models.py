@@ -1,4 +1,4 @@
-"""Models, and the train and evaluate loops shared by clients and server.
+"""Models, and the evaluation loop of the server (local training: ``fedquant.training``).
 
 Models avoid BatchNorm so that they stay valid under Opacus (per-sample gradients
 need no cross-sample statistics); where a normalization is wanted, GroupNorm is used.
@@ -7,8 +7,6 @@ unless ``fakequant.set_quantized`` selects them (DPQuant's per-epoch layer choic
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -35,10 +33,12 @@ class MnistCnn(nn.Module):
         self.pool = nn.MaxPool2d(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 10) of images (B, 1, 28, 28)."""
         x = self.pool(torch.relu(self.conv1(x)))  # (B, 16, 14, 14)
         x = self.pool(torch.relu(self.conv2(x)))  # (B, 32, 7, 7)
         x = torch.relu(self.fc1(x.flatten(1)))  # (B, 64)
-        return self.fc2(x)  # (B, 10)
+        logits: torch.Tensor = self.fc2(x)  # (B, 10)
+        return logits
 
 
 RESNET_GROUPS = 8  # GroupNorm groups in every normalization layer of MnistResNet
@@ -69,6 +69,7 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """relu(GN(conv(relu(GN(conv(x))))) + shortcut(x)); no in-place ops."""
         # No in-place ReLU: Opacus's backward hooks reject in-place ops on hooked outputs.
         out = torch.relu(self.gn1(self.conv1(x)))
         out = self.gn2(self.conv2(out))
@@ -76,9 +77,11 @@ class BasicBlock(nn.Module):
 
 
 class MnistResNet(nn.Module):
-    """Small ResNet for 1×28×28 inputs: He et al. 2016 ("Deep Residual Learning for Image
-    Recognition") with GroupNorm (Wu & He, ECCV 2018) instead of BatchNorm, because
-    BatchNorm mixes samples and Opacus cannot compute per-sample gradients through it.
+    """Small ResNet for 1×28×28 inputs, with GroupNorm in place of BatchNorm.
+
+    He et al. 2016 ("Deep Residual Learning for Image Recognition") with GroupNorm (Wu &
+    He, ECCV 2018) instead of BatchNorm, because BatchNorm mixes samples and Opacus
+    cannot compute per-sample gradients through it.
 
     stem conv3x3(1→16) + GN + ReLU (B, 16, 28, 28) → block(16) (B, 16, 28, 28)
     → block(32, stride 2) (B, 32, 14, 14) → block(64, stride 2) (B, 64, 7, 7)
@@ -104,12 +107,14 @@ class MnistResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 10) of images (B, 1, 28, 28)."""
         x = torch.relu(self.stem_gn(self.stem(x)))  # (B, 16, 28, 28)
         x = self.layer1(x)  # (B, 16, 28, 28)
         x = self.layer2(x)  # (B, 32, 14, 14)
         x = self.layer3(x)  # (B, 64, 7, 7)
         x = x.mean(dim=(2, 3))  # (B, 64)
-        return self.fc(x)  # (B, 10)
+        logits: torch.Tensor = self.fc(x)  # (B, 10)
+        return logits
 
 
 def build_model(name: ModelName, *, seed: int) -> nn.Module:
@@ -126,57 +131,14 @@ def build_model(name: ModelName, *, seed: int) -> nn.Module:
         torch.random.set_rng_state(generator_state)
 
 
-def batches(
-    data: Split, *, batch_size: int, generator: torch.Generator | None = None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches in a seeded random order (or in order when no generator)."""
-    n = len(data)
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        yield data.images[idx], data.labels[idx]
-
-
-def train_epochs(
-    model: nn.Module,
-    data: Split,
-    *,
-    optimizer: torch.optim.Optimizer,
-    epochs: int,
-    batch_size: int,
-    generator: torch.Generator,
-    max_steps: int = 0,
-) -> float:
-    """Run ``epochs`` passes of ``optimizer`` over ``data``; return the mean loss.
-
-    ``max_steps > 0`` stops after that many optimizer steps (local-steps in FL).
-
-    The optimizer is built by the caller so that a DP optimizer (Opacus) can take
-    the place of plain SGD without changing this loop.
-    """
-    model.train()
-    loss_fn = nn.CrossEntropyLoss()
-    total, count, steps = 0.0, 0, 0
-    for _ in range(epochs):
-        for images, labels in batches(data, batch_size=batch_size, generator=generator):
-            if max_steps and steps >= max_steps:
-                return total / max(count, 1)
-            steps += 1
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(images), labels)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(labels)
-            count += len(labels)
-    return total / max(count, 1)
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Split, *, batch_size: int = 1000) -> tuple[float, float]:
     """Return (mean cross-entropy loss, accuracy) of ``model`` on ``data``."""
     model.eval()
     loss_sum, correct = 0.0, 0
-    for images, labels in batches(data, batch_size=batch_size):
+    for start in range(0, len(data), batch_size):
+        images = data.images[start : start + batch_size]  # (B, 1, 28, 28)
+        labels = data.labels[start : start + batch_size]  # (B,)
         logits = model(images)
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         correct += int((logits.argmax(1) == labels).sum())

@@ -20,16 +20,15 @@ is not detectable (the file is the node's own, not protected against its owner).
 from __future__ import annotations
 
 import json
-import math
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedquant.accounting import PrivacyLedger
+from fedquant.checks import is_finite, is_int
 from fedquant.dpquant import LayerScheduler
+from fedquant.files import write_text_atomically
 
 STATE_FILE = "fedquant-node-state.json"
 FORMAT_VERSION = 1
@@ -45,15 +44,21 @@ class NodeStateError(RuntimeError):
 
 @dataclass(frozen=True)
 class PrivacyRecord:
-    """A private node's privacy state: every SGM application so far (``ledger``) and the
-    noise multiplier σ calibrated once, before its first round, for the whole run."""
+    """A private node's privacy state: its ledger and its noise multiplier.
+
+    ``ledger`` holds every SGM application so far; ``noise_multiplier`` is the σ
+    calibrated once, before the node's first round, for the whole run.
+    """
 
     ledger: PrivacyLedger
     noise_multiplier: float
 
     def to_dict(self) -> dict[str, Any]:
-        """The ledger's lists, σ, and the ledger's step total (redundant on purpose: a
-        ledger that lost entries no longer adds up to it)."""
+        """The ledger's lists, σ, and the ledger's step total.
+
+        The total is redundant on purpose: a ledger that lost entries no longer adds up
+        to it.
+        """
         return {
             **self.ledger.to_dict(),
             "noise-multiplier": self.noise_multiplier,
@@ -72,9 +77,7 @@ class PrivacyRecord:
         if unknown:
             raise ValueError(f"unknown field(s) {unknown}")
         sigma = d["noise-multiplier"]
-        if not (isinstance(sigma, int | float) and not isinstance(sigma, bool)) or not (
-            math.isfinite(sigma) and sigma > 0
-        ):
+        if not (is_finite(sigma) and sigma > 0):
             raise ValueError(f"field 'noise-multiplier' must be finite and > 0, got {sigma!r}")
         try:
             ledger = PrivacyLedger.from_dict({k: d[k] for k in ("noise", "rate", "steps")})
@@ -83,15 +86,13 @@ class PrivacyRecord:
         if not len(ledger):
             raise ValueError("ledger fields 'noise', 'rate', 'steps' are empty")
         total = d["steps-total"]
-        if isinstance(total, bool) or not isinstance(total, int) or total != ledger.total_steps:
+        if not is_int(total) or total != ledger.total_steps:
             raise ValueError(
                 f"field 'steps-total' = {total!r} but the ledger records {ledger.total_steps} "
                 f"steps: the ledger was shortened or altered"
             )
         if float(sigma) not in {e.noise_multiplier for e in ledger.history}:
-            raise ValueError(
-                f"the ledger has no training entry at 'noise-multiplier' = {sigma!r}"
-            )
+            raise ValueError(f"the ledger has no training entry at 'noise-multiplier' = {sigma!r}")
         return cls(ledger, float(sigma))
 
 
@@ -103,6 +104,7 @@ class NodeState:
     scheduler: LayerScheduler | None = None
 
     def to_records(self) -> dict[str, dict[str, Any]]:
+        """``{record name: fields}`` of the records present (for ``Context.state``)."""
         records = {}
         if self.privacy is not None:
             records[PRIVACY_RECORD] = self.privacy.to_dict()
@@ -177,18 +179,4 @@ class NodeStateStore:
         text = json.dumps(
             {"version": FORMAT_VERSION, "records": state.to_records()}, allow_nan=False
         )
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{STATE_FILE}.")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a power loss
-        finally:
-            os.close(dir_fd)
+        write_text_atomically(self.path, text, durable=True)

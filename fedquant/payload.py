@@ -1,9 +1,10 @@
 """The payload codec: a model update <-> Flower records.
 
-This is the only module in ``fedquant`` that imports Flower. A client encodes its
-update (a mapping of tensor name to float tensor) into a :class:`flwr.app.RecordDict`;
-the server decodes the reply, which is untrusted input, and validates every field
-before any of it is used.
+This module and :mod:`fedquant.reply` (the whole reply around the update: record keys,
+metrics, status replies) are the only ones in ``fedquant`` that import Flower. A client
+encodes its update (a mapping of tensor name to float tensor) into a
+:class:`flwr.app.RecordDict`; the server decodes the reply, which is untrusted input, and
+validates every field before any of it is used.
 
 Reply layout (paper B, Bozorgasl & Chen 2024, "What is sent": per-tensor codes plus
 the clip threshold ``s`` and the quantization error):
@@ -39,6 +40,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
 from fedquant.codec import ClipRule, Rounding, dequantize, quantize
+from fedquant.config import MAX_CODE_BITS, UNQUANTIZED_BITS, ConfigError, check_bits
 from fedquant.packing import pack_codes, packed_size, unpack_codes
 
 __all__ = [
@@ -54,7 +56,6 @@ __all__ = [
     "PACKED_DTYPE",
     "PACKED_STYPE",
     "DecodedTensor",
-    "REPLY_METRICS",
     "PayloadError",
     "decode_update",
     "encode_update",
@@ -71,17 +72,10 @@ PACKED_DTYPE = "bitpacked"
 """``Array.dtype`` of bit-packed codes."""
 FLOAT_STYPE = "numpy.ndarray"
 """``Array.stype`` Flower gives an ``Array(ndarray)`` (``np.save`` bytes)."""
-FLOAT_BITS = 32
+FLOAT_BITS = UNQUANTIZED_BITS
 """``bits`` value of the unquantized mode (float32 values, clip 0, mse 0)."""
 META_SEP = "/"
 """Separator between tensor name and field in ``META_KEY`` keys."""
-REPLY_METRICS = frozenset(
-    {"num-examples", "server-round", "speedup", "local-epochs", "quantized-epochs",
-     "epsilon", "noise-multiplier"}
-)
-"""Every metric a training reply may carry; the server rejects a reply with any other.
-Partition size is public by design; the rest is derived from the plan, the DPQuant
-schedule (post-processing of DP estimates) and the privacy ledger."""
 META_FIELDS = ("bits", "clip", "mse")
 """Fields every tensor carries in the ``META_KEY`` record."""
 MAX_NDIM = 32
@@ -93,7 +87,6 @@ MAX_MSE = (2.0 * float(np.finfo(np.float32).max)) ** 2
 float32 reconstruction differ by less than twice the float32 maximum. A larger claim
 is impossible, and summing a few of them would overflow the round's metrics."""
 
-_QUANT_BITS = range(1, 9)
 _FLOAT32 = np.dtype(np.float32)
 
 
@@ -115,7 +108,7 @@ class PayloadError(ValueError):
     def __reduce__(self) -> tuple[Any, tuple[()]]:
         # Keyword-only __init__: pickle (e.g. across Ray workers) needs this.
         rebuild = functools.partial(
-            PayloadError, tensor=self.tensor, field=self.field, reason=self.reason
+            type(self), tensor=self.tensor, field=self.field, reason=self.reason
         )
         return rebuild, ()
 
@@ -155,13 +148,13 @@ def encode_update(
     (``quantize`` enforces it). Tensors are encoded in ``update``'s order.
 
     Raises:
-        ValueError: ``bits`` not in 1..8 or 32, a tensor that is not floating point.
+        ValueError: ``bits`` not in 1..8 or 32 (``fedquant.config.check_bits``), a
+            tensor that is not floating point.
         TypeError: a value that is not a ``torch.Tensor`` or a key that is not a str.
     """
     if isinstance(bits, bool) or not isinstance(bits, int):
         raise TypeError(f"`bits` must be an int, got {bits!r}")
-    if bits not in _QUANT_BITS and bits != FLOAT_BITS:
-        raise ValueError(f"`bits` must be in 1..8 or {FLOAT_BITS}, got {bits}")
+    check_bits(bits)  # ConfigError (a ValueError) naming `bits`
     if not isinstance(clip, ClipRule):
         raise TypeError(f"`clip` must be a ClipRule, got {clip!r}")
     if not isinstance(rounding, Rounding):
@@ -306,9 +299,11 @@ def _check_meta(
     bits = fields["bits"]
     if isinstance(bits, bool) or not isinstance(bits, int):
         raise PayloadError(tensor=name, field="bits", reason=f"must be an int, got {bits!r}")
-    if bits not in _QUANT_BITS and bits != FLOAT_BITS:
-        reason = f"must be in 1..8 or {FLOAT_BITS}, got {bits}"
-        raise PayloadError(tensor=name, field="bits", reason=reason)
+    try:
+        check_bits(bits)
+    except ConfigError:
+        reason = f"must be in 1..{MAX_CODE_BITS} or {FLOAT_BITS}, got {bits}"
+        raise PayloadError(tensor=name, field="bits", reason=reason) from None
     clip = _as_float(name, "clip", fields["clip"])
     if not (math.isfinite(clip) and 0.0 <= clip <= max_clip):
         reason = f"must be finite and in [0, {max_clip:g}], got {clip!r}"

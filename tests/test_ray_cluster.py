@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from sims.launch.procs import free_port, process_tree
+from sims.launch.procs import free_port, parent_pids, process_tree
 from sims.launch.run import run_simulation
 
 pytestmark = pytest.mark.slow  # ~2 min on 2 cores: `make test-slow` (CI runs it)
@@ -56,7 +56,7 @@ def _pgid(pid: int) -> int | None:
 
 
 def _all_pids() -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    return list(parent_pids())
 
 
 def _group_members(pgid: int) -> set[int]:

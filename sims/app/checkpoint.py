@@ -15,8 +15,6 @@ client starts, naming the key.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from fedquant.config import ConfigError
+from fedquant.files import write_atomically
 
 CHECKPOINT_FILE = "checkpoint.npz"
 _META = "__fedquant_checkpoint__"  # an entry name no model parameter has
@@ -47,6 +46,7 @@ class Checkpoint:
 
 
 def checkpoint_path(out_dir: str | Path) -> Path:
+    """Where a run in ``out_dir`` keeps its checkpoint."""
     return Path(out_dir) / CHECKPOINT_FILE
 
 
@@ -65,16 +65,7 @@ def save_checkpoint(out_dir: str | Path, checkpoint: Checkpoint) -> Path:
         raise ValueError(f"a model parameter may not be named {_META!r}")
     entries = dict(checkpoint.arrays)
     entries[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{CHECKPOINT_FILE}.", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **entries)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda f: np.savez(f, **entries), durable=True)  # type: ignore[arg-type]
     return path
 
 
@@ -107,6 +98,8 @@ def check_same_experiment(checkpoint: Checkpoint, config: Mapping[str, Any]) -> 
         old, new = checkpoint.config.get(key), config.get(key)
         if old != new:
             raise ConfigError(
-                key, new, f"differs from the checkpoint being resumed ({old!r}); "
+                key,
+                new,
+                f"differs from the checkpoint being resumed ({old!r}); "
                 "start a new out-dir for a different experiment",
             )

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from fedquant.files import write_text_atomically
 
 # Columns of rounds.csv, in order; also the keys of each round in results.json.
 COLUMNS = (
@@ -39,8 +39,11 @@ COLUMNS = (
 
 
 def strict_json(value: Any) -> str:
-    """``value`` as standard JSON (RFC 8259): a non-finite float (a diverged loss)
-    becomes null, never the ``NaN``/``Infinity`` tokens strict parsers refuse."""
+    """``value`` as standard JSON (RFC 8259).
+
+    A non-finite float (a diverged loss) becomes null, never the ``NaN``/``Infinity``
+    tokens strict parsers refuse.
+    """
     return json.dumps(_finite(value), indent=2, allow_nan=False)
 
 
@@ -52,19 +55,6 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class RunReport:
@@ -79,6 +69,7 @@ class RunReport:
         self.warnings: list[str] = []
 
     def add_round(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """Record one round's row (every column of ``COLUMNS``) and return it."""
         full = {c: row.get(c) for c in COLUMNS}
         up, ref = full["uplink-bytes"], full["uplink-float32-bytes"]
         full["compression"] = (ref / up) if up else None
@@ -87,6 +78,7 @@ class RunReport:
         return full
 
     def summary(self) -> dict[str, Any]:
+        """Totals over the run: final accuracy, bytes in both directions, epsilon."""
         up = sum(r["uplink-bytes"] or 0 for r in self.rows)
         ref = sum(r["uplink-float32-bytes"] or 0 for r in self.rows)
         last = self.rows[-1] if self.rows else {}
@@ -114,6 +106,7 @@ class RunReport:
         }
 
     def write(self) -> None:
+        """Write results.json and rounds.csv to ``out_dir`` (atomically)."""
         payload = {
             "config": self.config,
             "warnings": self.warnings,
@@ -121,11 +114,11 @@ class RunReport:
             "rounds": self.rows,
             "summary": self.summary(),
         }
-        _atomic_write(self.out_dir / "results.json", strict_json(payload))
+        write_text_atomically(self.out_dir / "results.json", strict_json(payload))
         lines = [",".join(COLUMNS)]
         for row in self.rows:
             lines.append(",".join(_csv_cell(row[c]) for c in COLUMNS))
-        _atomic_write(self.out_dir / "rounds.csv", "\n".join(lines) + "\n")
+        write_text_atomically(self.out_dir / "rounds.csv", "\n".join(lines) + "\n")
 
     def plot(self) -> Path:
         """Accuracy, epsilon and bytes in both directions per round, as rounds.png."""
@@ -145,7 +138,8 @@ class RunReport:
         ax_eps.plot(rounds, [r["epsilon-max"] or 0.0 for r in self.rows], marker="o")
         private = self.config.get("dp", True)
         ax_eps.set(
-            xlabel="round", ylabel="epsilon (largest client)",
+            xlabel="round",
+            ylabel="epsilon (largest client)",
             title="Privacy spent" if private else "Privacy spent (no DP: none promised)",
         )
         kib = 1024.0
@@ -156,8 +150,11 @@ class RunReport:
         )
         for key, label, marker, style in series:
             ax_bytes.plot(
-                rounds, [(r[key] or 0) / kib for r in self.rows], marker=marker,
-                linestyle=style, label=label,
+                rounds,
+                [(r[key] or 0) / kib for r in self.rows],
+                marker=marker,
+                linestyle=style,
+                label=label,
             )
         ax_bytes.set(xlabel="round", ylabel="KiB per round (all clients)", title="Traffic")
         if any((r[key] or 0) > 0 for r in self.rows for key, *_ in series):

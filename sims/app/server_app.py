@@ -19,11 +19,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from clients.client_app import dp_settings, node_seed, quant_settings
-from fedquant.config import ConfigError, RunConfig
-from fedquant.data import load_mnist, partition_indices
+from fedquant.config import RunConfig
+from fedquant.data import load_mnist
 from fedquant.models import build_model, evaluate
-from fedquant.training import check_client_target, round_plan
+from fedquant.seeds import node_seed
+from fedquant.training import validate_privacy_plan
 from sims.app.checkpoint import Checkpoint, check_same_experiment, load_checkpoint, save_checkpoint
 from sims.app.report import RunReport
 from strategies.quantized import QuantizedStrategy, strategy_from_config
@@ -33,43 +33,11 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    """Validate the run config and the privacy plan, then run every round."""
     cfg = RunConfig.from_flower(context.run_config)
     strategy = strategy_from_config(cfg)  # a bad aggregator fails here, before clients
     validate_privacy_plan(cfg)
     run(grid, cfg, strategy)
-
-
-def validate_privacy_plan(cfg: RunConfig) -> None:
-    """Fail before any client starts if some client cannot meet the (ε, δ) target.
-
-    Checks, for every simulated partition size, that some noise multiplier meets the
-    target over all planned rounds plus DPQuant's estimator queries, with the run's
-    accountant (what each client's calibration needs); an impossible target raises
-    ConfigError naming target-epsilon.
-    """
-    if not cfg.dp.enabled:
-        return
-    parts = partition_indices(
-        num_partitions=cfg.run.num_supernodes,
-        partitioning=cfg.train.partitioning,
-        alpha=cfg.train.dirichlet_alpha,
-        seed=cfg.run.seed,
-    )
-    dp, quant = dp_settings(cfg), quant_settings(cfg)
-    assert dp is not None
-    for size in sorted({len(p) for p in parts}):
-        plan = round_plan(
-            size, batch_size=cfg.train.batch_size, epochs=cfg.train.local_epochs, max_steps=cfg.train.local_steps
-        )
-        try:
-            check_client_target(plan, rounds=cfg.run.num_server_rounds, dp=dp, quant=quant)
-        except ValueError as err:
-            raise ConfigError(
-                "target-epsilon",
-                cfg.dp.target_epsilon,
-                f"cannot be met by a client with {size} examples over "
-                f"{cfg.run.num_server_rounds} rounds: {err}",
-            ) from err
 
 
 def run(grid: Grid, cfg: RunConfig, strategy: QuantizedStrategy) -> RunReport:

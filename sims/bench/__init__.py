@@ -1,1 +1,1 @@
-"""bench"""
+"""Benchmark scripts (`python -m sims.bench.<name>`) and the sweep framework they share."""

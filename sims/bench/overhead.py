@@ -78,10 +78,11 @@ from flwr.supercore.inflatable.inflatable_utils import (
     validate_object_content,
 )
 
-from clients.client_app import ARRAYS_KEY, METRICS_KEY, LocalRound, local_train, node_seed
+from clients.client_app import ARRAYS_KEY, METRICS_KEY, LocalRound, local_train
 from fedquant.config import PayloadMode, RunConfig
 from fedquant.models import build_model
 from fedquant.payload import encode_update
+from fedquant.seeds import node_seed
 from sims.bench.sweep import write_report
 from sims.launch.inprocess import InProcessGrid
 from strategies.quantized import strategy_from_config

@@ -43,7 +43,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,7 @@ class Cell:
 
     @property
     def name(self) -> str:
+        """The cell's output folder name, which says what it runs."""
         return Path(self.overrides["out-dir"]).name
 
 
@@ -266,22 +267,20 @@ def accountant_table(results: list[dict[str, Any]], epsilons: Sequence[float]) -
 
 
 def estimator_share(overrides: dict[str, Any]) -> float:
-    """Share of the run's ε spent on DPQuant's estimator: 1 - ε(training alone)/ε(all),
-    both at the σ the client calibrates for the whole plan (what each client does)."""
-    from clients.client_app import dp_settings, quant_settings
+    """Share of the run's ε spent on DPQuant's estimator: 1 - ε(training alone)/ε(all).
+
+    Both at the σ the client calibrates for the whole plan (what each client does).
+    """
     from fedquant.accounting import MechanismStep, PrivacyLedger
     from fedquant.config import RunConfig
     from fedquant.data import SPLIT_SIZES
-    from fedquant.training import calibrate_client_noise, planned_mechanisms, round_plan
+    from fedquant.training import calibrate_client_noise, client_round_plan, planned_mechanisms
 
     cfg = RunConfig.from_flower(overrides)
-    dp, quant = dp_settings(cfg), quant_settings(cfg)
-    if dp is None:
+    dp, quant = cfg.dp, cfg.dpquant
+    if not dp.enabled:
         return 0.0
-    plan = round_plan(
-        dict(SPLIT_SIZES)["train"] // cfg.run.num_supernodes, batch_size=cfg.train.batch_size,
-        epochs=cfg.train.local_epochs, max_steps=cfg.train.local_steps,
-    )
+    plan = client_round_plan(cfg.train, dict(SPLIT_SIZES)["train"] // cfg.run.num_supernodes)
     rounds = cfg.run.num_server_rounds
     sigma = calibrate_client_noise(plan, rounds=rounds, dp=dp, quant=quant)
     everything = planned_mechanisms(plan, rounds=rounds, noise=sigma, quant=quant)
@@ -321,15 +320,17 @@ class PolicyRow:
     seeds: tuple[int, ...] = ()  # aligned with accuracy; default 0, 1, ...
 
     def by_seed(self) -> dict[int, float]:
+        """Accuracy by seed."""
         return dict(zip(self.seeds or range(len(self.accuracy)), self.accuracy, strict=True))
 
 
 def _policy_label(r: dict[str, Any]) -> str:
     """The policy, and DPQuant's β where it is not the default."""
-    from fedquant.dpquant import DEFAULT_BETA
+    from fedquant.config import DPQuantSettings
 
-    beta = r.get("dpquant-beta", DEFAULT_BETA)
-    if r["quant-policy"] == "dpquant" and beta != DEFAULT_BETA:
+    default = DPQuantSettings().beta
+    beta = r.get("dpquant-beta", default)
+    if r["quant-policy"] == "dpquant" and beta != default:
         return f"dpquant β={beta:g}"
     return str(r["quant-policy"])
 
@@ -360,8 +361,11 @@ def finding_rows(rs: Sequence[dict[str, Any]]) -> list[PolicyRow]:
 
 
 def findings_table(rows: Sequence[PolicyRow], late_gain: float) -> list[str]:
-    """Accuracy, loss against unquantized training of the same privacy, speedup, and
-    the estimator's share of ε, per (privacy, policy)."""
+    """The findings table, one row per (privacy, policy).
+
+    Accuracy, loss against unquantized training of the same privacy, speedup, and the
+    estimator's share of ε.
+    """
     base = {row.dp: statistics.mean(row.accuracy) for row in rows if row.policy == "none"}
     lines = [
         "| privacy | policy | accuracy % (mean ± std) | vs unquantized (points) | seeds"
@@ -388,7 +392,8 @@ def _paired(combine: Callable[..., float], *rows: PolicyRow) -> tuple[float, flo
 
     Cells with the same seed share the initial model, the data order and (with seeded
     noise) the DP noise, so differences between policies are taken seed by seed: the
-    common part of the run-to-run variation cancels (common random numbers)."""
+    common part of the run-to-run variation cancels (common random numbers).
+    """
     maps = [row.by_seed() for row in rows]
     seeds = sorted(set.intersection(*(set(m) for m in maps)))
     values = [combine(*(m[seed] for m in maps)) for seed in seeds]
@@ -453,13 +458,12 @@ def estimator_diagnostic(
     import numpy as np
     import torch
 
-    from clients.client_app import quant_settings
     from fedquant.config import RunConfig
     from fedquant.data import SPLIT_SIZES, load_mnist
     from fedquant.dpquant import num_quantized, sample_layers, selection_probabilities
     from fedquant.fakequant import quantizable_layers, set_quantized
-    from fedquant.models import ModelName, build_model
-    from fedquant.training import _per_example_losses
+    from fedquant.models import build_model
+    from fedquant.training import quantized_layer_losses
     from sims.app.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(run["out-dir"])
@@ -468,29 +472,28 @@ def estimator_diagnostic(
     # DPQuant's settings at this run's ratio, whatever policy the run itself used.
     overrides = {k: run[k] for k in _OVERRIDE_KEYS if k in run}
     cfg = RunConfig.from_flower({**overrides, "quant-policy": "dpquant"})
-    quant = quant_settings(cfg)
-    assert quant is not None
-    model = build_model(ModelName(cfg.train.model.value), seed=0)
+    quant = cfg.dpquant
+    model = build_model(cfg.train.model, seed=0)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in checkpoint.arrays.items()})
     model.eval()
     train = load_mnist().train
     x, y = train.images[:examples], train.labels[:examples]
     n = len(quantizable_layers(model))
-    losses = _per_example_losses(model, quant.fmt)  # the estimator's own loss function
+    losses = quantized_layer_losses(model, quant.format)  # the estimator's own loss function
     base = losses(None, x, y).double()
     r = [losses(i, x, y).double() - base for i in range(n)]
     set_quantized(model, [], None)
     per_example = torch.stack(r, dim=1)  # (examples, n)
     norm = torch.linalg.vector_norm(per_example, dim=1, keepdim=True)
-    per_example = per_example * torch.clamp(quant.estimator_clip / norm.clamp_min(1e-300), max=1.0)
+    per_example = per_example * torch.clamp(quant.clip / norm.clamp_min(1e-300), max=1.0)
     exact = per_example.mean(dim=0).numpy()
     local = dict(SPLIT_SIZES)["train"] // cfg.run.num_supernodes
-    subsample = quant.estimator_rate * local
+    subsample = quant.sample_rate * local
     sampling_sd = per_example.std(dim=0).numpy() / np.sqrt(subsample)
-    noise_sd = quant.estimator_noise * quant.estimator_clip / subsample
+    noise_sd = quant.noise * quant.clip / subsample
     ema = quant.alpha / (2 - quant.alpha)
     total_sd = np.sqrt((sampling_sd**2 + noise_sd**2) * ema)
-    k = num_quantized(n, quant.ratio)
+    k = num_quantized(n, quant.train_ratio)
     rng = np.random.default_rng(0)
 
     def cost(pi: np.ndarray) -> float:
@@ -506,8 +509,8 @@ def estimator_diagnostic(
     lines = [
         f"Estimator signal vs noise: {run['model']}, {cfg.run.num_supernodes} client(s) of"
         f" {local:,} examples, final model of the run with seed {run['seed']}; q_a"
-        f" {quant.estimator_rate:g} ({subsample:.0f} examples), σ_a {quant.estimator_noise:g},"
-        f" C_a {quant.estimator_clip:g}, EMA α {quant.alpha:g}, β {quant.beta:g}, k = {k} of {n}:",
+        f" {quant.sample_rate:g} ({subsample:.0f} examples), σ_a {quant.noise:g},"
+        f" C_a {quant.clip:g}, EMA α {quant.alpha:g}, β {quant.beta:g}, k = {k} of {n}:",
         "| layer | R_i (exact, nats) | sampling sd | DP noise sd | sd after EMA |",
         "|---|---|---|---|---|",
     ]
@@ -538,9 +541,11 @@ def estimator_diagnostic(
     return lines
 
 
-def pareto_plot(panels: dict[str, Sequence[PolicyRow]], path: Path) -> Path:
-    """Accuracy against theoretical speedup per policy (paper A's Pareto view), one
-    panel per (model, setting); error bars are one standard deviation over seeds."""
+def pareto_plot(panels: Mapping[str, Sequence[PolicyRow]], path: Path) -> Path:
+    """Accuracy against theoretical speedup per policy (paper A's Pareto view).
+
+    One panel per (model, setting); error bars are one standard deviation over seeds.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -553,7 +558,7 @@ def pareto_plot(panels: dict[str, Sequence[PolicyRow]], path: Path) -> Path:
     )
     markers = {"none": "o", "static": "s", "random": "^", "dpquant": "*"}
     handles: dict[str, Any] = {}
-    for ax, (title, rows) in zip(axes.flat, panels.items()):
+    for ax, (title, rows) in zip(axes.flat, panels.items(), strict=False):  # spare axes
         for row in rows:
             mean, std = _mean_std(row.accuracy)
             label = f"{'DP' if row.dp else 'no DP'} {row.policy}"
@@ -583,10 +588,9 @@ def calibrated_noise(epsilons: Sequence[float]) -> list[str]:
     The plans of the default run config (10 IID clients of 5,000 examples, 5 rounds,
     DPQuant's estimator queries included), computed the way each client does.
     """
-    from clients.client_app import dp_settings, quant_settings
     from fedquant.accounting import Accountant
     from fedquant.config import RunConfig
-    from fedquant.training import calibrate_client_noise, round_plan
+    from fedquant.training import calibrate_client_noise, client_round_plan
 
     plans = {
         "default (20 steps/round)": RunConfig(),
@@ -597,17 +601,13 @@ def calibrated_noise(epsilons: Sequence[float]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for label, base in plans.items():
-        plan = round_plan(
-            5000, batch_size=base.train.batch_size, epochs=base.train.local_epochs, max_steps=base.train.local_steps
-        )
+        plan = client_round_plan(base.train, 5000)
         for eps in epsilons:
             sigma = {}
             for accountant in Accountant:
                 cfg = base.with_overrides({"target-epsilon": eps, "accountant": accountant})
-                dp = dp_settings(cfg)
-                assert dp is not None
                 sigma[accountant] = calibrate_client_noise(
-                    plan, rounds=cfg.run.num_server_rounds, dp=dp, quant=quant_settings(cfg)
+                    plan, rounds=cfg.run.num_server_rounds, dp=cfg.dp, quant=cfg.dpquant
                 )
             rdp, prv = sigma[Accountant.RDP], sigma[Accountant.PRV]
             lines.append(
@@ -622,9 +622,10 @@ def dp_sgd_throughput(*, model_name: str, batch_size: int, steps: int, seed: int
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
+    from fedquant.config import ModelName, QuantFormat
     from fedquant.data import load_mnist
-    from fedquant.fakequant import QuantFormat, quantizable_layers, set_quantized
-    from fedquant.models import ModelName, build_model
+    from fedquant.fakequant import quantizable_layers, set_quantized
+    from fedquant.models import build_model
     from fedquant.training import backward_quietly, private_engine
 
     torch.set_num_threads(1)
@@ -676,13 +677,15 @@ def dp_sgd_throughput(*, model_name: str, batch_size: int, steps: int, seed: int
 QUICK = {
     "seeds": [0], "other_seeds": [0], "rounds": 2, "local_steps": 2, "target_rounds": [],
     "target_epsilons": [8.0], "targets": ["iid", "central"], "findings_seeds": [0],
-    "findings": FINDING_CHOICES, "findings_rounds": 2, "findings_local_steps": 1, "findings_central_steps": 2,
+    "findings": FINDING_CHOICES, "findings_rounds": 2, "findings_local_steps": 1,
+    "findings_central_steps": 2,
     "findings_batch_size": 64, "accountant_epsilons": [], "noise_epsilons": [8.0],
     "throughput_steps": 2, "out": "outputs/bench-private-quick",
 }
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; ``--quick`` replaces the defaults not given explicitly."""
     parser = sweep_parser(
         "python -m sims.bench.private", __doc__, rounds=10, local_steps=20,
         out="outputs/bench-private",
@@ -748,6 +751,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run (or collect) the sweep's cells and write ``bench.md``."""
     args = parse_args(argv)
     todo = [c for c in cells(args) if args.match in c.name]
     started = time.perf_counter()

@@ -1,1 +1,1 @@
-"""Launchers: Flower simulation (Ray), gRPC deployment, and the in-process grid."""
+"""Launchers: simulation (`flwr run` on Ray), gRPC deployment, TLS material, processes."""

@@ -62,8 +62,8 @@ def resolve_run_config(overrides: Sequence[str]) -> tuple[RunConfig, dict[str, A
     (``out-dir`` made absolute, since the ServerApp runs in another directory).
     Raises ConfigError naming the key and value.
     """
+    from fedquant.training import validate_privacy_plan
     from sims.app.checkpoint import check_same_experiment, load_checkpoint
-    from sims.app.server_app import validate_privacy_plan
     from strategies.quantized import strategy_from_config
 
     parsed = parse_config_args(list(overrides)) if overrides else {}
