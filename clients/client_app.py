@@ -17,7 +17,7 @@ A client whose next round would exceed its (ε, δ) budget does not train; it re
 with a ``budget-exhausted`` status instead of an update.
 
 What leaves the node (threat model: README "Privacy"): the DP-SGD output, quantized
-(post-processing), and the metrics in ``fedquant.payload.REPLY_METRICS``, none of them
+(post-processing), and the metrics in ``fedquant.reply.REPLY_METRICS``, none of them
 computed from the examples except through a charged mechanism. The randomness that
 protects the examples is drawn from OS entropy (:func:`privacy_generator`), never from
 values the server knows.
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedquant.accounting import PrivacyLedger
@@ -40,7 +40,19 @@ from fedquant.dpquant import LayerScheduler
 from fedquant.fakequant import QConv2d, QLinear, quantizable_layers
 from fedquant.models import build_model
 from fedquant.node_state import RECORDS, NodeState, NodeStateStore, PrivacyRecord
-from fedquant.payload import encode_update
+from fedquant.reply import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    EPSILON,
+    LOCAL_EPOCHS,
+    NOISE_MULTIPLIER,
+    NUM_EXAMPLES,
+    QUANTIZED_EPOCHS,
+    SERVER_ROUND,
+    SPEEDUP,
+    encode_budget_exhausted,
+    encode_reply,
+)
 from fedquant.seeds import node_seed
 from fedquant.training import (
     LayerQuantization,
@@ -51,10 +63,6 @@ from fedquant.training import (
     train_round,
 )
 
-# The apps send and receive these record names; the strategy checks them.
-ARRAYS_KEY = "arrays"
-CONFIG_KEY = "config"
-METRICS_KEY = "metrics"
 # Spawn key of the (opt-in, non-private) seeded DP noise stream; see privacy_generator.
 _SEEDED_NOISE_STREAM = 1
 
@@ -93,9 +101,7 @@ def node_partition(context: Context, cfg: RunConfig) -> tuple[int, Split]:
     return partition_id, data
 
 
-def node_state_store(
-    context: Context, cfg: RunConfig, partition_id: int
-) -> NodeStateStore | None:
+def node_state_store(context: Context, cfg: RunConfig, partition_id: int) -> NodeStateStore | None:
     """Where this node persists its privacy state, or None to keep it in memory only.
 
     A deployed SuperNode names its own directory (node config ``state-dir``); in
@@ -153,10 +159,14 @@ def train(msg: Message, context: Context) -> Message:
     rounding_rng = torch.Generator().manual_seed(
         node_seed(cfg.run.seed, result.server_round, result.partition_id)
     )
-    content = encode_update(
-        tensors, bits=cfg.codec.bits, clip=cfg.codec.clip, rounding=cfg.codec.rounding, generator=rounding_rng
+    content = encode_reply(
+        tensors,
+        result.metrics,
+        bits=cfg.codec.bits,
+        clip=cfg.codec.clip,
+        rounding=cfg.codec.rounding,
+        generator=rounding_rng,
     )
-    content[METRICS_KEY] = MetricRecord(result.metrics)
     return Message(content=content, reply_to=msg)
 
 
@@ -164,9 +174,9 @@ def local_train(msg: Message, context: Context) -> LocalRound:
     """Load the global weights, train on this node's partition, update its state."""
     torch.set_num_threads(1)  # one simulated client per core; faster than 2 here
     cfg = RunConfig.from_flower(context.run_config)
-    server_round = msg.content.config_records[CONFIG_KEY]["server-round"]
+    server_round = msg.content.config_records[CONFIG_KEY][SERVER_ROUND]
     if isinstance(server_round, bool) or not isinstance(server_round, int):
-        raise ValueError(f"instruction 'server-round' must be an integer, got {server_round!r}")
+        raise ValueError(f"instruction {SERVER_ROUND!r} must be an integer, got {server_round!r}")
     partition_id, data = node_partition(context, cfg)
     store = node_state_store(context, cfg, partition_id)
     private = cfg.dp.enabled
@@ -233,33 +243,29 @@ def local_train(msg: Message, context: Context) -> LocalRound:
     )
 
     metrics: dict[str, int | float | list[int] | list[float]] = {
-        "num-examples": len(data),
-        "server-round": server_round,
-        "speedup": stats.speedup,
-        "local-epochs": stats.epochs,
-        "quantized-epochs": stats.quantized_epochs,
+        NUM_EXAMPLES: len(data),
+        SERVER_ROUND: server_round,
+        SPEEDUP: stats.speedup,
+        LOCAL_EPOCHS: stats.epochs,
+        QUANTIZED_EPOCHS: stats.quantized_epochs,
     }
     privacy_record = state.privacy
     if privacy is not None:
         privacy_record = PrivacyRecord(privacy.ledger, privacy.noise_multiplier)
-        metrics["epsilon"] = privacy.ledger.epsilon(
+        metrics[EPSILON] = privacy.ledger.epsilon(
             delta=cfg.dp.target_delta, accountant=cfg.dp.accountant
         )
-        metrics["noise-multiplier"] = privacy.noise_multiplier
+        metrics[NOISE_MULTIPLIER] = privacy.noise_multiplier
     new_state = NodeState(privacy=privacy_record, scheduler=scheduler)
     for name, record in new_state.to_records().items():
         context.state[name] = ConfigRecord(record)
     if store is not None:
         # Saved before the reply exists: a crash after this point over-counts, never under.
         store.save(new_state)
-    return LocalRound(
-        cfg, server_round, partition_id, global_state, model.state_dict(), metrics
-    )
+    return LocalRound(cfg, server_round, partition_id, global_state, model.state_dict(), metrics)
 
 
 def _budget_exhausted(msg: Message, server_round: int, epsilon: float) -> Message:
     """A reply that says the client stopped training to stay within its budget."""
-    metrics = MetricRecord(
-        {"server-round": server_round, "budget-exhausted": 1, "epsilon": epsilon}
-    )
-    return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+    content = encode_budget_exhausted(server_round=server_round, epsilon=epsilon)
+    return Message(content=content, reply_to=msg)

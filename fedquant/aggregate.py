@@ -60,14 +60,16 @@ class AggregationRule(Protocol):
 
     def __call__(
         self, values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray
-    ) -> np.ndarray: ...
+    ) -> np.ndarray:
+        """The aggregate of ``values`` over its first axis (see the class)."""
+        ...
 
 
 def _check_stack(values: np.ndarray, **per_client: np.ndarray) -> int:
     """Return K after checking ``values`` is (K, ...) with K >= 1 and each (K,)."""
     if values.ndim < 1 or values.shape[0] < 1:
         raise ValueError(f"`values` must have shape (K, ...) with K >= 1, got {values.shape}")
-    k = values.shape[0]
+    k = int(values.shape[0])
     for label, array in per_client.items():
         if array.shape != (k,):
             raise ValueError(f"`{label}` must have shape ({k},), got {array.shape}")
@@ -101,7 +103,7 @@ def cap_shares(raw: np.ndarray, *, cap: float) -> np.ndarray:
     if not cap >= 1.0:  # also refuses NaN; inf: no cap
         raise ValueError(f"`cap` must be >= 1. Found `{cap!r}`.")
     bound = cap / weights.size
-    shares = weights / weights.sum()
+    shares: np.ndarray = weights / weights.sum()
     fixed = np.zeros(weights.size, dtype=bool)
     while (above := (shares > bound * (1 + 1e-12)) & ~fixed).any():
         fixed |= above
@@ -124,13 +126,21 @@ def _check_cap(cap: object) -> None:
 
 @runtime_checkable
 class WeightedRule(Protocol):
-    """A weighted average ``sum_i share_i * w_i`` whose shares come from what the
-    replies claim (``raw_weights``), capped at ``cap / K`` (:func:`cap_shares`). The
-    strategy uses ``raw_weights`` to count and log the replies the cap held back."""
+    """A weighted average ``sum_i share_i * w_i`` of what the replies claim, capped.
 
-    cap: float
+    The shares come from ``raw_weights`` (what the replies claim), capped at ``cap / K``
+    (:func:`cap_shares`). The strategy uses ``raw_weights`` to count and log the
+    replies the cap held back.
+    """
 
-    def raw_weights(self, *, mse: np.ndarray, num_examples: np.ndarray) -> np.ndarray: ...
+    @property
+    def cap(self) -> float:
+        """Largest share of one reply, as a multiple of the equal share 1/K."""
+        ...
+
+    def raw_weights(self, *, mse: np.ndarray, num_examples: np.ndarray) -> np.ndarray:
+        """``(K,)`` non-negative weights, not normalised, before the cap."""
+        ...
 
 
 def _capped_average(
@@ -145,9 +155,9 @@ def _capped_average(
 
 @dataclass(frozen=True)
 class ErrorWeighted:
-    """Aggregation by quantization error (paper B, Bozorgasl & Chen 2024, arXiv
-    2405.13365, "aggregation by quantization error").
+    """Aggregation by quantization error (paper B).
 
+    Bozorgasl & Chen 2024, arXiv 2405.13365, "aggregation by quantization error":
     ``w = sum_i share_i * w_i`` with ``share_i ∝ 1 / e_i``, ``e_i = max(mse_i, floor)``,
     capped at ``cap / K`` (:func:`cap_shares`). Client data sizes are ignored. The
     floor guards a perfectly quantized (or unquantized, mse 0) tensor from a division
@@ -174,20 +184,23 @@ class ErrorWeighted:
         if not (np.isfinite(errors).all() and (errors >= 0).all()):
             raise ValueError(f"`mse` must be finite and >= 0, got {errors}")
         errors = np.maximum(errors, self.floor)
-        return errors.min() / errors
+        ratios: np.ndarray = errors.min() / errors
+        return ratios
 
     def __call__(
         self, values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray
     ) -> np.ndarray:
+        """``sum_i share_i * values[i]``, ``share_i ∝ 1 / max(mse_i, floor)``, capped."""
         return _capped_average(self, values, mse=mse, num_examples=num_examples)
 
 
 @dataclass(frozen=True)
 class SampleWeighted:
-    """FedAvg: ``w = sum_i (n_i / sum_k n_k) * w_i`` (McMahan et al. 2017,
-    "Communication-Efficient Learning of Deep Networks from Decentralized Data",
-    Algorithm 1), with each share capped at ``cap / K`` (:func:`cap_shares`;
-    ``cap = K`` or more is the paper's rule). ``mse`` is ignored.
+    """FedAvg: ``w = sum_i (n_i / sum_k n_k) * w_i``, each share capped at ``cap / K``.
+
+    McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
+    Decentralized Data", Algorithm 1, with the shares capped by :func:`cap_shares`
+    (``cap = K`` or more is the paper's rule). ``mse`` is ignored.
 
     Caveat: ``n_i`` is what the client claims; the server cannot count another
     machine's examples. The strategy rejects counts at or above ``max-num-examples``
@@ -204,6 +217,7 @@ class SampleWeighted:
         _check_cap(self.cap)
 
     def raw_weights(self, *, mse: np.ndarray, num_examples: np.ndarray) -> np.ndarray:
+        """``n_i``, the claimed example counts."""
         counts = np.asarray(num_examples, dtype=np.float64)
         if not (np.isfinite(counts).all() and (counts >= 0).all()):
             raise ValueError(f"`num_examples` must be finite and >= 0, got {counts}")
@@ -214,6 +228,7 @@ class SampleWeighted:
     def __call__(
         self, values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray
     ) -> np.ndarray:
+        """``sum_i share_i * values[i]``, ``share_i ∝ n_i``, capped."""
         return _capped_average(self, values, mse=mse, num_examples=num_examples)
 
 
@@ -229,16 +244,20 @@ def plain_mean(values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray)
 
 
 class OrderStatistic:
-    """Marks a rule built on per-coordinate order statistics (median, trimmed mean):
-    it drops extreme values itself, so the strategy does not norm-clip updates
+    """Marks a rule built on per-coordinate order statistics (median, trimmed mean).
+
+    Such a rule drops extreme values itself, so the strategy does not norm-clip updates
     before it (a hostile update scaled down to the median norm would sit inside the
-    honest values' range, where the rule keeps it). Subclass it for such a rule."""
+    honest values' range, where the rule keeps it). Subclass it for such a rule.
+    """
 
 
 class CoordinateMedian(OrderStatistic):
-    """Coordinate-wise median ``w[j] = median_i w_i[j]`` (Yin et al. 2018,
-    "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates",
-    Definition 1). With even K it is the mean of the two middle values.
+    """Coordinate-wise median ``w[j] = median_i w_i[j]``.
+
+    Yin et al. 2018, "Byzantine-Robust Distributed Learning: Towards Optimal
+    Statistical Rates", Definition 1. With even K it is the mean of the two middle
+    values.
 
     Robust while fewer than half of the clients are hostile, at the price of
     ignoring ``mse`` and ``num_examples``: every client counts as one vote.
@@ -247,6 +266,7 @@ class CoordinateMedian(OrderStatistic):
     def __call__(
         self, values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray
     ) -> np.ndarray:
+        """The per-coordinate median of ``values`` over its first axis."""
         values = np.asarray(values)
         _check_stack(values)
         return np.median(values.astype(np.float64, copy=False), axis=0).astype(np.float32)
@@ -257,12 +277,12 @@ coordinate_median = CoordinateMedian()
 
 @dataclass(frozen=True)
 class TrimmedMean(OrderStatistic):
-    """Coordinate-wise trimmed mean (Yin et al. 2018, "Byzantine-Robust Distributed
-    Learning: Towards Optimal Statistical Rates", Definition 2).
+    """Coordinate-wise trimmed mean.
 
-    Per coordinate, sort the K values, drop the ``b = byzantine`` smallest and the
-    ``b`` largest, and average the ``K - 2b`` left: up to ``b`` hostile values per
-    coordinate cannot pull the result outside the honest values' range. It needs
+    Yin et al. 2018, "Byzantine-Robust Distributed Learning: Towards Optimal Statistical
+    Rates", Definition 2. Per coordinate, sort the K values, drop the ``b = byzantine``
+    smallest and the ``b`` largest, and average the ``K - 2b`` left: up to ``b`` hostile
+    values per coordinate cannot pull the result outside the honest values' range. It needs
     ``K >= 2b + 1``; with fewer replies (some were rejected) it cuts
     ``floor((K - 1) / 2)`` from each end, the most that leaves a value, which is the
     median for odd K. The run config checks ``2b + 1 <= sampled clients`` at start.
@@ -284,11 +304,12 @@ class TrimmedMean(OrderStatistic):
     def __call__(
         self, values: np.ndarray, *, mse: np.ndarray, num_examples: np.ndarray
     ) -> np.ndarray:
+        """Per coordinate, the mean of ``values`` without ``cut(K)`` values at each end."""
         values = np.asarray(values)
         k = _check_stack(values)
         cut = self.cut(k)
         ordered = np.sort(values.astype(np.float64, copy=False), axis=0)  # (K, *shape)
-        return ordered[cut : k - cut].mean(axis=0).astype(np.float32)
+        return np.asarray(ordered[cut : k - cut].mean(axis=0), dtype=np.float32)
 
 
 RULES: dict[str, AggregationRule] = {
@@ -352,7 +373,7 @@ def resolve_rule(spec: str | AggregationRule) -> AggregationRule:
             ) from err
     if not callable(obj):
         raise ValueError(f"aggregation rule {spec!r}: {obj!r} is not callable")
-    return obj  # type: ignore[return-value]  # callable; the signature is checked by use
+    return obj  # callable; the signature is checked by use
 
 
 def _rule_name(rule: object) -> str:
@@ -442,8 +463,10 @@ def aggregate_tensors(
 
 
 def update_norm(update: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of a whole update, over all its tensors: ``sqrt(sum_t ||Δ_t||_2^2)``,
-    in float64."""
+    """L2 norm of a whole update, over all its tensors: ``sqrt(sum_t ||Δ_t||_2^2)``.
+
+    In float64.
+    """
     return math.sqrt(
         sum(float(np.sum(np.square(np.asarray(v, dtype=np.float64)))) for v in update.values())
     )

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 # isort: off
 import fedquant._opacus  # noqa: F401  (before Opacus: drops its root log handler)
+
 # isort: on
 from opacus.grad_sample import register_grad_sampler
 from opacus.utils.tensor_utils import unfold2d
@@ -80,7 +81,7 @@ def quantize_values(x: torch.Tensor, *, fmt: QuantFormat, scale: torch.Tensor) -
     if fmt in _INT_LEVELS:
         levels = _INT_LEVELS[fmt]
         step = safe_scale / levels
-        out = torch.div(x, step).round_().clamp_(-levels, levels).mul_(step)
+        out: torch.Tensor = torch.div(x, step).round_().clamp_(-levels, levels).mul_(step)
         out = out.masked_fill_(positive.logical_not(), 0.0)
     elif fmt is QuantFormat.FP4:
         # Nearest power of two in log2, on the float32 bits: r = 2^E · 1.m rounds up to
@@ -122,7 +123,10 @@ def _activation_scale(x: torch.Tensor, act_scale: ActScale, act_clip: float) -> 
             raise ValueError(f"per-sample scaling needs a batch dimension; got shape {x.shape}")
         # max |x_b| in one pass, without materialising |x|
         dims = tuple(range(1, x.dim()))
-        return torch.linalg.vector_norm(x.detach(), ord=math.inf, dim=dims, keepdim=True)
+        scale: torch.Tensor = torch.linalg.vector_norm(
+            x.detach(), ord=math.inf, dim=dims, keepdim=True
+        )
+        return scale
     if act_scale is ActScale.FIXED:
         return torch.tensor(act_clip, dtype=x.dtype, device=x.device)
     raise ValueError(f"`act_scale` must be an ActScale. Found {act_scale!r}.")
@@ -140,11 +144,14 @@ def _check_quant_args(
 
 
 class _StraightThrough(torch.autograd.Function):
-    """q(x) forward, identity gradient to x: ``fake_quantize``'s STE without its two
-    extra passes over the activation (x - x.detach(), then the sum)."""
+    """q(x) forward, identity gradient to x.
+
+    ``fake_quantize``'s straight-through estimator without its two extra passes over the
+    activation (x - x.detach(), then the sum).
+    """
 
     @staticmethod
-    def forward(x: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(x: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
         return x_q.view_as(x_q)
 
     @staticmethod
@@ -152,7 +159,7 @@ class _StraightThrough(torch.autograd.Function):
         pass
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad, None
 
 
@@ -200,8 +207,14 @@ class _QuantMixin:
         # an equal data pointer means the same memory. The version counter (shared by
         # detached views) catches in-place writes since the forward pass.
         return (
-            x.data_ptr(), x.shape, x.stride(), x.dtype, x._version,
-            self.quant_format, self.act_scale, self.act_clip,
+            x.data_ptr(),
+            x.shape,
+            x.stride(),
+            x.dtype,
+            x._version,
+            self.quant_format,
+            self.act_scale,
+            self.act_clip,
         )
 
     def _fake_quantize_input_and_weight(
@@ -217,7 +230,8 @@ class _QuantMixin:
             self._input_cache = (self._cache_key(x), x_q, x.detach())
         w_q = fake_quantize(weight, fmt=self.quant_format, scale=_weight_scale(weight))
         if _has_storage(x):
-            return _StraightThrough.apply(x, x_q), w_q
+            x_ste: torch.Tensor = _StraightThrough.apply(x, x_q)  # type: ignore[no-untyped-call]
+            return x_ste, w_q
         return x_q + (x - x.detach()), w_q  # under functorch: as in fake_quantize
 
     def extra_repr(self) -> str:
@@ -225,12 +239,15 @@ class _QuantMixin:
         extra = f", quant_format={fmt}, act_scale={self.act_scale.value}"
         if self.act_scale is ActScale.FIXED:
             extra += f", act_clip={self.act_clip}"
-        return super().extra_repr() + extra  # type: ignore[misc]
+        base: str = super().extra_repr()  # type: ignore[misc]
+        return base + extra
 
 
 class QLinear(_QuantMixin, nn.Linear):
-    """``nn.Linear`` whose weight (per-tensor scale) and input (``act_scale``) are
-    fake-quantized to ``quant_format``; with ``quant_format=None`` it is exactly nn.Linear.
+    """``nn.Linear`` with its weight and input fake-quantized to ``quant_format``.
+
+    The weight uses a per-tensor scale, the input ``act_scale``; with
+    ``quant_format=None`` it is exactly nn.Linear.
     """
 
     def __init__(
@@ -249,6 +266,7 @@ class QLinear(_QuantMixin, nn.Linear):
         self._init_quant(quant_format, act_scale, act_clip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer on q(x) with q(W), or the float layer when no format is set."""
         if self.quant_format is None:
             return F.linear(x, self.weight, self.bias)
         x_q, w_q = self._fake_quantize_input_and_weight(x, self.weight)
@@ -256,8 +274,10 @@ class QLinear(_QuantMixin, nn.Linear):
 
 
 class QConv2d(_QuantMixin, nn.Conv2d):
-    """``nn.Conv2d`` whose weight (per-tensor scale) and input (``act_scale``) are
-    fake-quantized to ``quant_format``; with ``quant_format=None`` it is exactly nn.Conv2d.
+    """``nn.Conv2d`` with its weight and input fake-quantized to ``quant_format``.
+
+    The weight uses a per-tensor scale, the input ``act_scale``; with
+    ``quant_format=None`` it is exactly nn.Conv2d.
     """
 
     def __init__(
@@ -270,7 +290,7 @@ class QConv2d(_QuantMixin, nn.Conv2d):
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         bias: bool = True,
-        padding_mode: str = "zeros",
+        padding_mode: Literal["zeros", "reflect", "replicate", "circular"] = "zeros",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
@@ -294,13 +314,16 @@ class QConv2d(_QuantMixin, nn.Conv2d):
         self._init_quant(quant_format, act_scale, act_clip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer on q(x) with q(W), or the float layer when no format is set."""
         if self.quant_format is None:
-            return self._conv_forward(x, self.weight, self.bias)
+            out: torch.Tensor = self._conv_forward(x, self.weight, self.bias)
+            return out
         x_q, w_q = self._fake_quantize_input_and_weight(x, self.weight)
-        return self._conv_forward(x_q, w_q, self.bias)
+        out = self._conv_forward(x_q, w_q, self.bias)
+        return out
 
 
-def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def quantizable_layers(model: nn.Module) -> list[tuple[str, QLinear | QConv2d]]:
     """All QLinear/QConv2d layers of ``model`` with their names, in ``named_modules`` order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, QLinear | QConv2d)]
 
@@ -336,15 +359,15 @@ def quantized_indices(model: nn.Module) -> list[int]:
 # the copy for QConv2d.
 
 
-@register_grad_sampler(QLinear)
+@register_grad_sampler(QLinear)  # type: ignore[untyped-decorator]
 def compute_qlinear_grad_sample(
     layer: QLinear, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[nn.Parameter, torch.Tensor]:
+) -> dict[torch.Tensor, torch.Tensor]:
     """Per-sample gradients of a QLinear: ``g_b ⊗ q(x_b)`` for W, ``Σ g_b`` for b."""
     x = activations[0].to(backprops.dtype)
     if layer.quant_format is not None and x.shape[0] > 0:
         x = layer.quantized_input(x)
-    ret: dict[nn.Parameter, torch.Tensor] = {}
+    ret: dict[torch.Tensor, torch.Tensor] = {}
     if layer.weight.requires_grad:
         ret[layer.weight] = torch.einsum("n...i,n...j->nij", backprops, x)  # (B, out, in)
     if layer.bias is not None and layer.bias.requires_grad:
@@ -352,14 +375,14 @@ def compute_qlinear_grad_sample(
     return ret
 
 
-@register_grad_sampler(QConv2d)
+@register_grad_sampler(QConv2d)  # type: ignore[untyped-decorator]
 def compute_qconv2d_grad_sample(
     layer: QConv2d, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[nn.Parameter, torch.Tensor]:
+) -> dict[torch.Tensor, torch.Tensor]:
     """Per-sample gradients of a QConv2d via unfold (im2col) on q(x), as Opacus does."""
     x = activations[0].to(backprops.dtype)
     n = x.shape[0]
-    ret: dict[nn.Parameter, torch.Tensor] = {}
+    ret: dict[torch.Tensor, torch.Tensor] = {}
     if n == 0:  # empty batch (Poisson sampling): zero gradients, like Opacus
         if layer.weight.requires_grad:
             ret[layer.weight] = torch.zeros_like(layer.weight).unsqueeze(0)

@@ -229,8 +229,10 @@ class ClientReply:
 
 @dataclass(frozen=True)
 class BudgetExhausted:
-    """A validated status reply: the client did not train, to stay within its (ε, δ)
-    budget; ``epsilon`` is what it has spent."""
+    """A validated status reply: the client did not train, to stay within its budget.
+
+    ``epsilon`` is the ε it has spent (cumulative, within the run's (ε, δ) budget).
+    """
 
     node_id: int
     epsilon: float
@@ -271,8 +273,11 @@ def encode_budget_exhausted(*, server_round: int, epsilon: float) -> RecordDict:
 def as_float32_reply(
     weights: Mapping[str, np.ndarray], *, num_examples: int, node_id: int
 ) -> Message:
-    """A stock float32 training reply (``ARRAYS_KEY`` + ``num-examples``), as Flower's
-    strategies expect it, e.g. to hand a validated reply to a wrapped ``FedAdam``."""
+    """A stock float32 training reply: ``ARRAYS_KEY`` plus ``num-examples``.
+
+    As Flower's strategies expect it, e.g. to hand a validated reply to a wrapped
+    ``FedAdam``.
+    """
     content = RecordDict(
         {
             ARRAYS_KEY: ArrayRecord(
@@ -288,8 +293,11 @@ def as_float32_reply(
 
 
 def is_budget_exhausted(content: RecordDict) -> bool:
-    """Whether ``content`` is shaped as a status reply: only ``METRICS_KEY``, with
-    ``budget-exhausted == 1`` (its other fields are checked by :func:`decode_reply`)."""
+    """Whether ``content`` is shaped as a status reply.
+
+    Only ``METRICS_KEY``, with ``budget-exhausted == 1``; its other fields are checked
+    by :func:`decode_reply`.
+    """
     metrics = content.get(METRICS_KEY)
     return (
         set(content.keys()) == {METRICS_KEY}
@@ -476,8 +484,11 @@ def _check_round(metrics: MetricRecord, server_round: int) -> None:
 
 
 def _privacy_metrics(metrics: MetricRecord, limits: ReplyLimits) -> float | None:
-    """The reply's ε: required under DP, within the budget (plus the accountant's
-    numerical error); forbidden without DP, as is a noise multiplier."""
+    """The reply's ε, checked against the run's budget.
+
+    Required under DP, within the budget (plus the accountant's numerical error);
+    forbidden without DP, as is a noise multiplier.
+    """
     budget = limits.max_epsilon
     if budget is None:
         for key in (EPSILON, NOISE_MULTIPLIER):

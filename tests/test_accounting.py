@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from fedquant.accounting import (
     PrivacyLedger,
     calibrate_noise,
 )
+from fedquant.checks import is_finite, is_int, is_real
 
 DELTA = 1e-5
 RDP = Accountant.RDP
@@ -150,6 +152,29 @@ def test_mechanism_step_validation(sigma: float, q: float, steps: int, field: st
         MechanismStep(sigma, q, steps)
 
 
+@pytest.mark.parametrize(
+    ("value", "real", "integral", "finite"),
+    [
+        (3, True, True, True),
+        (np.int64(3), True, True, True),
+        (1.5, True, False, True),
+        (np.float32(1.5), True, False, True),
+        (Fraction(1, 3), True, False, True),
+        (10**400, True, True, False),  # beyond float range: float() overflows
+        (math.inf, True, False, False),
+        (math.nan, True, False, False),
+        (True, False, False, False),  # a bool is an int to Python, never a number here
+        (np.bool_(True), False, False, False),
+        ("1", False, False, False),
+        (None, False, False, False),
+        ([1.0], False, False, False),
+        (1 + 0j, False, False, False),
+    ],
+)
+def test_number_checks(value: object, real: bool, integral: bool, finite: bool) -> None:
+    assert (is_real(value), is_int(value), is_finite(value)) == (real, integral, finite)
+
+
 def test_epsilon_rejects_bad_delta() -> None:
     ledger = PrivacyLedger([MechanismStep(1.0, 0.1, 10)])
     for delta in (0.0, 1.0, -1e-5, math.nan):
@@ -220,23 +245,23 @@ def test_calibrate_noise_impossible_targets() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad",
+    ("bad", "named"),
     [
-        [],
-        {"noise": [1.0], "rate": [0.1]},
-        {"noise": [1.0], "rate": [0.1], "steps": [1], "extra": []},
-        {"noise": [1.0, 2.0], "rate": [0.1], "steps": [1]},
-        {"noise": "1.0", "rate": [0.1], "steps": [1]},
-        {"noise": [1.0], "rate": [0.1], "steps": [1.5]},
-        {"noise": [1.0], "rate": [1.1], "steps": [1]},
-        {"noise": [0.0], "rate": [0.1], "steps": [1]},
-        {"noise": [None], "rate": [0.1], "steps": [1]},
-        {"noise": [10**400], "rate": [0.1], "steps": [1]},
-        {"noise": [[1.0]], "rate": [0.1], "steps": [1]},
+        ([], "must be a mapping"),
+        ({"noise": [1.0], "rate": [0.1]}, "exactly the keys"),
+        ({"noise": [1.0], "rate": [0.1], "steps": [1], "extra": []}, "exactly the keys"),
+        ({"noise": [1.0, 2.0], "rate": [0.1], "steps": [1]}, "equal lengths"),
+        ({"noise": "1.0", "rate": [0.1], "steps": [1]}, "`noise` must be a list"),
+        ({"noise": [1.0], "rate": [0.1], "steps": [1.5]}, "entry 0: `steps`"),
+        ({"noise": [1.0], "rate": [1.1], "steps": [1]}, "entry 0: `sample_rate`"),
+        ({"noise": [0.0], "rate": [0.1], "steps": [1]}, "entry 0: `noise_multiplier`"),
+        ({"noise": [None], "rate": [0.1], "steps": [1]}, "entry 0: `noise_multiplier`"),
+        ({"noise": [10**400], "rate": [0.1], "steps": [1]}, "entry 0: `noise_multiplier`"),
+        ({"noise": [[1.0]], "rate": [0.1], "steps": [1]}, "entry 0: `noise_multiplier`"),
     ],
 )
-def test_from_dict_rejects_malformed(bad: object) -> None:
-    with pytest.raises(ValueError):
+def test_from_dict_rejects_malformed(bad: object, named: str) -> None:
+    with pytest.raises(ValueError, match=named):
         PrivacyLedger.from_dict(bad)  # type: ignore[arg-type]
 
 
@@ -322,7 +347,11 @@ def test_prv_calibration_meets_target_with_less_noise_than_rdp(target: float) ->
     q, steps, extra = 0.0128, 400, [MechanismStep(3.0, 0.05, 10)]
     sigma_prv, sigma_rdp = (
         calibrate_noise(
-            target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps, extra=extra,
+            target_epsilon=target,
+            delta=DELTA,
+            sample_rate=q,
+            steps=steps,
+            extra=extra,
             accountant=accountant,
         )
         for accountant in (PRV, RDP)

@@ -119,9 +119,12 @@ def test_zero_mse_client_dominates_as_the_floor_implies() -> None:
 
 
 def _water_fill_oracle(raw: np.ndarray, cap: float) -> np.ndarray:
-    """Water-filling by brute force: the largest claims sit at the bound cap / K and
-    the rest share what is left in proportion to their claims; the answer is the
-    first count of clients at the bound for which no free share exceeds it."""
+    """Water-filling by brute force.
+
+    The largest claims sit at the bound cap / K and the rest share what is left in
+    proportion to their claims; the answer is the first count of clients at the bound
+    for which no free share exceeds it.
+    """
     k = raw.size
     bound = cap / k
     for fixed_count in range(k + 1):
@@ -251,7 +254,7 @@ def test_trimmed_mean_matches_sort_oracle(k: int, byzantine: int) -> None:
 
 @pytest.mark.parametrize(("k", "ratio"), [(5, 0.2), (6, 0.2), (10, 0.1), (8, 0.3)])
 def test_trimmed_mean_matches_scipy(k: int, ratio: float) -> None:
-    """scipy cuts int(ratio * K) from each end: the same as byzantine = that count."""
+    """SciPy cuts int(ratio * K) from each end: the same as byzantine = that count."""
     stats = pytest.importorskip("scipy.stats")
     clients, mse, n = _replies(k=k)
     rule = TrimmedMean(int(ratio * k))
@@ -373,9 +376,24 @@ def test_rules_reject_mismatched_shapes() -> None:
         plain_mean(np.ones((0, 2)), mse=np.ones(0), num_examples=np.ones(0))
 
 
-def test_builtin_rules_satisfy_the_protocol() -> None:
-    for rule in RULES.values():
-        assert isinstance(rule, AggregationRule)
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_builtin_rules_keep_the_rule_contract(name: str) -> None:
+    """Each registered rule is called as AggregationRule says and keeps unanimity.
+
+    ``rule(values (K, *shape), *, mse (K,), num_examples (K,))`` returns the tensor's
+    shape; when all K clients send the same tensor, every rule (weighted or not, robust or
+    not) must return that tensor, whatever the errors and counts claim.
+    """
+    rule = RULES[name]
+    rng = np.random.default_rng(0)
+    tensor = rng.standard_normal((3, 2))
+    values = np.stack([tensor] * 5)  # (K=5, 3, 2)
+    mse, counts = rng.uniform(1e-4, 1e-1, size=5), rng.integers(1, 1000, size=5)
+    out = rule(values, mse=mse, num_examples=counts)
+    assert np.asarray(out).shape == tensor.shape
+    np.testing.assert_allclose(out, tensor, rtol=1e-6, atol=1e-7)
+    with pytest.raises(TypeError, match="positional argument"):
+        rule(values, mse, counts)  # type: ignore[misc]  # mse and num_examples are keyword-only
 
 
 # ------------------------------------------------------------ custom rules
@@ -491,7 +509,7 @@ def test_resolve_rule_errors_name_the_spec(this_module: object, spec: str, match
 
 
 def test_resolve_rule_rejects_non_callable_objects() -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="must be a str or callable, got 3.0"):
         resolve_rule(3.0)  # type: ignore[arg-type]
 
 
@@ -568,4 +586,3 @@ def test_float64_inputs_give_float32_outputs() -> None:
     out = aggregate_tensors(clients, mse=mse, num_examples=[1, 1], rule=plain_mean)
     assert out["w"].dtype == np.float32
     np.testing.assert_array_equal(out["w"], [2.0, 3.0])
-

@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 import clients.client_app as fq_client
 from fedquant.config import RunConfig
 from fedquant.models import build_model
+from fedquant.reply import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 from sims.bench.overhead import RoundClock, float32_reply, quantized_reply, timed_app
 
 OVERRIDES = {
@@ -29,8 +30,8 @@ def _train_message(cfg: RunConfig) -> Message:
     model = build_model(cfg.train.model, seed=cfg.run.seed)
     content = RecordDict(
         {
-            fq_client.ARRAYS_KEY: ArrayRecord(model.state_dict()),
-            fq_client.CONFIG_KEY: ConfigRecord({"server-round": 1}),
+            ARRAYS_KEY: ArrayRecord(model.state_dict()),
+            CONFIG_KEY: ConfigRecord({"server-round": 1}),
         }
     )
     return Message(content, dst_node_id=1, message_type="train")
@@ -66,8 +67,8 @@ def test_timed_app_times_training_and_sends_float32_weights() -> None:
     reply = timed_app(float32_reply, clock)(_train_message(cfg), _context(cfg))
     assert clock.seconds["wall-train"] > 0.0 and clock.seconds["cpu-train"] > 0.0
     result = fq_client.local_train(_train_message(cfg), _context(cfg))  # the same round
-    arrays = reply.content.array_records[fq_client.ARRAYS_KEY].to_torch_state_dict()
+    arrays = reply.content.array_records[ARRAYS_KEY].to_torch_state_dict()
     assert arrays.keys() == result.local_state.keys()
     assert all((arrays[k] == result.local_state[k]).all() for k in arrays)
-    metrics = dict(reply.content.metric_records[fq_client.METRICS_KEY])
+    metrics = dict(reply.content.metric_records[METRICS_KEY])
     assert metrics == {"num-examples": result.metrics["num-examples"]}

@@ -34,9 +34,14 @@ def test_default_grid_has_every_cell_the_issue_asks_for() -> None:
     names = [c.name for c in grid]
     assert len(names) == len(set(names))  # no cell runs twice
     findings = Counter(
-        (c.overrides["model"], c.overrides["num-supernodes"], c.overrides["dp"],
-         c.overrides["quant-policy"])
-        for c in grid if c.section == "findings"
+        (
+            c.overrides["model"],
+            c.overrides["num-supernodes"],
+            c.overrides["dp"],
+            c.overrides["quant-policy"],
+        )
+        for c in grid
+        if c.section == "findings"
     )
     # The default fits 90 minutes with the targets; the ResNet is asked for by name.
     assert set(args.findings) == {"cnn:central", "cnn:federated"}
@@ -44,9 +49,14 @@ def test_default_grid_has_every_cell_the_issue_asks_for() -> None:
         parse_args(["--findings", "cnn:central", "cnn:federated", "resnet:central"])
     )
     findings += Counter(
-        (c.overrides["model"], c.overrides["num-supernodes"], c.overrides["dp"],
-         c.overrides["quant-policy"])
-        for c in with_resnet if c.section == "findings" and c.overrides["model"] == "resnet"
+        (
+            c.overrides["model"],
+            c.overrides["num-supernodes"],
+            c.overrides["dp"],
+            c.overrides["quant-policy"],
+        )
+        for c in with_resnet
+        if c.section == "findings" and c.overrides["model"] == "resnet"
     )
     for model, clients in [("cnn", 1), ("cnn", 10), ("resnet", 1)]:
         for policy in POLICIES:
@@ -55,8 +65,10 @@ def test_default_grid_has_every_cell_the_issue_asks_for() -> None:
             assert findings[model, clients, False, policy] >= 5
     # Central and federated findings runs process the same number of examples.
     examples = {
-        (o["model"], o["num-supernodes"]): o["num-supernodes"] * o["local-steps"]
-        * o["num-server-rounds"] * o["batch-size"]
+        (o["model"], o["num-supernodes"]): o["num-supernodes"]
+        * o["local-steps"]
+        * o["num-server-rounds"]
+        * o["batch-size"]
         for o in (c.overrides for c in grid if c.section == "findings")
     }
     assert examples["cnn", 1] == examples["cnn", 10]
@@ -66,8 +78,11 @@ def test_default_grid_has_every_cell_the_issue_asks_for() -> None:
     others = {(o["partitioning"], o["num-supernodes"], o["target-epsilon"]) for o in targets}
     assert others >= {("dirichlet", 10, 8.0), ("iid", 1, 8.0)}
     every = cells(parse_args(["--findings", *FINDING_CHOICES]))
-    assert {(c.overrides["model"], c.overrides["num-supernodes"]) for c in every
-            if c.section == "findings"} == {("cnn", 1), ("cnn", 10), ("resnet", 1), ("resnet", 10)}
+    assert {
+        (c.overrides["model"], c.overrides["num-supernodes"])
+        for c in every
+        if c.section == "findings"
+    } == {("cnn", 1), ("cnn", 10), ("resnet", 1), ("resnet", 10)}
     central = [o for o in targets if o["num-supernodes"] == 1]
     # The central reference processes as many examples as the federation at its epsilon.
     for o in central:
@@ -115,8 +130,12 @@ def test_verdicts_are_paired_by_seed() -> None:
 
 
 def test_findings_table_reports_loss_against_unquantized_of_the_same_privacy() -> None:
-    rows = [_row(True, "none", [90, 92]), _row(True, "random", [85, 87], 2.0),
-            _row(False, "none", [98, 98]), _row(False, "random", [97, 97], 2.0)]
+    rows = [
+        _row(True, "none", [90, 92]),
+        _row(True, "random", [85, 87], 2.0),
+        _row(False, "none", [98, 98]),
+        _row(False, "random", [97, 97], 2.0),
+    ]
     text = "\n".join(findings_table(rows, late_gain=0.3))
     assert "| DP | random | 86.00 ± 1.41 | -5.00 | 2 | 2.00 |" in text
     assert "| no DP | random | 97.00 ± 0.00 | -1.00 |" in text
@@ -125,9 +144,18 @@ def test_findings_table_reports_loss_against_unquantized_of_the_same_privacy() -
 
 def test_target_table_groups_by_data_setting() -> None:
     def run(part: str, clients: int, acc: float, seed: int) -> dict:
-        return {"dp": True, "target-epsilon": 8.0, "partitioning": part, "num-supernodes": clients,
-                "final-accuracy": acc, "max-epsilon": 7.99, "num-server-rounds": 10,
-                "local-steps": 200 if clients == 1 else 20, "seed": seed}
+        return {
+            "dp": True,
+            "target-epsilon": 8.0,
+            "partitioning": part,
+            "num-supernodes": clients,
+            "final-accuracy": acc,
+            "max-epsilon": 7.99,
+            "num-server-rounds": 10,
+            "local-steps": 200 if clients == 1 else 20,
+            "seed": seed,
+        }
+
     results = [run("iid", 10, a, s) for s, a in enumerate([0.95, 0.96, 0.97])]
     results.append(run("iid", 1, 0.97, 0))
     lines = target_table(results, [8.0])
@@ -137,20 +165,26 @@ def test_target_table_groups_by_data_setting() -> None:
 
 
 def test_estimator_share_matches_the_ledger() -> None:
-    """The share is 1 - ε(training)/ε(all) at the calibrated σ: recomputed here from
-    the accountant with the same plan (10 clients of 5,000, batch 128, 4 x 5 steps)."""
-    from clients.client_app import dp_settings, quant_settings
+    """The share is 1 - ε(training)/ε(all) at the calibrated σ.
+
+    Recomputed here from the accountant with the same plan (10 clients of 5,000, batch
+    128, 4 x 5 steps).
+    """
     from fedquant.config import RunConfig
     from fedquant.training import calibrate_client_noise, round_plan
 
-    overrides = {"dp": True, "target-epsilon": 8.0, "quant-policy": "dpquant",
-                 "num-server-rounds": 4, "local-steps": 5, "batch-size": 128}
+    overrides = {
+        "dp": True,
+        "target-epsilon": 8.0,
+        "quant-policy": "dpquant",
+        "num-server-rounds": 4,
+        "local-steps": 5,
+        "batch-size": 128,
+    }
     share = estimator_share(overrides)
     cfg = RunConfig.from_flower(overrides)
     plan = round_plan(5000, batch_size=128, epochs=1, max_steps=5)
-    dp, quant = dp_settings(cfg), quant_settings(cfg)
-    assert dp is not None and quant is not None
-    sigma = calibrate_client_noise(plan, rounds=4, dp=dp, quant=quant)
+    sigma = calibrate_client_noise(plan, rounds=4, dp=cfg.dp, quant=cfg.dpquant)
     train = PrivacyLedger([MechanismStep(sigma, plan.sample_rate, 20)])
     eps_train = train.epsilon(delta=1e-5, accountant=Accountant.PRV)
     assert share == pytest.approx(1 - eps_train / 8.0, abs=0.01)
@@ -166,17 +200,27 @@ def test_pareto_plot_is_written(tmp_path) -> None:
 
 
 def test_estimator_diagnostic_on_a_saved_model(tmp_path) -> None:
-    """Noise sd is σ_a C_a / (q_a |D|) = 3 / (0.05 · 5000) = 0.012 for 10 clients; the best
-    subset is never worse than DPQuant or uniform selection."""
-    from fedquant.models import ModelName, build_model
+    """Noise sd is σ_a C_a / (q_a |D|) = 3 / (0.05 · 5000) = 0.012 for 10 clients.
+
+    The best subset is never worse than DPQuant or uniform selection.
+    """
+    from fedquant.config import ModelName
+    from fedquant.models import build_model
     from sims.app.checkpoint import Checkpoint, save_checkpoint
     from sims.bench.private import estimator_diagnostic
 
     model = build_model(ModelName.CNN, seed=3)
     arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     save_checkpoint(tmp_path, Checkpoint(1, arrays, {}, {}, {}))
-    run = {"out-dir": str(tmp_path), "model": "cnn", "num-supernodes": 10, "seed": 0,
-           "quant-policy": "none", "quant-train-ratio": 0.5, "dp": True}
+    run = {
+        "out-dir": str(tmp_path),
+        "model": "cnn",
+        "num-supernodes": 10,
+        "seed": 0,
+        "quant-policy": "none",
+        "quant-train-ratio": 0.5,
+        "dp": True,
+    }
     lines = estimator_diagnostic(run, examples=64, draws=100)
     rows = [line for line in lines if line.startswith("| conv") or line.startswith("| fc")]
     assert [row.split(" | ")[0] for row in rows] == ["| conv1", "| conv2", "| fc1", "| fc2"]

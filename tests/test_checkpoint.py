@@ -29,7 +29,9 @@ def test_checkpoint_round_trip_and_atomic_replace(tmp_path: Path) -> None:
     arrays = {"conv.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2)}
     first = Checkpoint(1, arrays, {"bits": 4}, {"initial": {}, "rows": [{"round": 1}]}, {"x": [1]})
     save_checkpoint(tmp_path, first)
-    second = dataclasses.replace(first, server_round=2, arrays={k: v + 1 for k, v in arrays.items()})
+    second = dataclasses.replace(
+        first, server_round=2, arrays={k: v + 1 for k, v in arrays.items()}
+    )
     save_checkpoint(tmp_path, second)
     loaded = load_checkpoint(tmp_path)
     assert loaded is not None and loaded.server_round == 2
@@ -38,7 +40,9 @@ def test_checkpoint_round_trip_and_atomic_replace(tmp_path: Path) -> None:
         assert loaded.arrays[name].dtype == value.dtype
         np.testing.assert_array_equal(loaded.arrays[name], value + 1)
     assert (loaded.config, loaded.report, loaded.strategy) == (
-        first.config, first.report, first.strategy
+        first.config,
+        first.report,
+        first.strategy,
     )
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]  # no temp files left
     assert load_checkpoint(tmp_path / "elsewhere") is None
@@ -46,7 +50,9 @@ def test_checkpoint_round_trip_and_atomic_replace(tmp_path: Path) -> None:
 
 def test_resume_refuses_a_different_experiment() -> None:
     checkpoint = Checkpoint(2, {}, RunConfig.from_flower({"bits": 4}).to_flower(), {}, {})
-    longer = RunConfig.from_flower({"bits": 4, "num-server-rounds": 9, "resume": True, "round-timeout": 5.0})
+    longer = RunConfig.from_flower(
+        {"bits": 4, "num-server-rounds": 9, "resume": True, "round-timeout": 5.0}
+    )
     check_same_experiment(checkpoint, longer.to_flower())  # more rounds: the same run
     with pytest.raises(ConfigError, match="'bits' = 2.*checkpoint"):
         check_same_experiment(checkpoint, RunConfig.from_flower({"bits": 2}).to_flower())
@@ -89,9 +95,15 @@ def run_with(grid: RecordingGrid, cfg: RunConfig) -> RecordingGrid:
 def test_resume_ends_with_the_uninterrupted_result(tmp_path: Path, overrides: dict) -> None:
     def config(name: str, **extra: object) -> RunConfig:
         values = {
-            "num_supernodes": 3, "num_server_rounds": 3, "local_steps": 4, "batch_size": 32,
-            "out_dir": str(tmp_path / name), "client_state_dir": str(tmp_path / name / "clients"),
-            "target_epsilon": 4.0, **overrides, **extra,
+            "num_supernodes": 3,
+            "num_server_rounds": 3,
+            "local_steps": 4,
+            "batch_size": 32,
+            "out_dir": str(tmp_path / name),
+            "client_state_dir": str(tmp_path / name / "clients"),
+            "target_epsilon": 4.0,
+            **overrides,
+            **extra,
         }
         return RunConfig.from_flower({k.replace("_", "-"): v for k, v in values.items()})
 
@@ -99,7 +111,7 @@ def test_resume_ends_with_the_uninterrupted_result(tmp_path: Path, overrides: di
     run_with(RecordingGrid(whole), whole)
 
     broken = config("broken")
-    with pytest.raises(ConnectionError):
+    with pytest.raises(ConnectionError, match="SuperLink went away"):
         run_with(RecordingGrid(broken, crash_round=3), broken)
     saved = load_checkpoint(broken.run.out_dir)
     assert saved is not None and saved.server_round == 2
@@ -108,7 +120,10 @@ def test_resume_ends_with_the_uninterrupted_result(tmp_path: Path, overrides: di
     resumed = config("broken", resume=True)
     assert run_with(RecordingGrid(resumed), resumed).rounds == [3]  # rounds 1-2 not rerun
 
-    final_whole, final_resumed = load_checkpoint(whole.run.out_dir), load_checkpoint(resumed.run.out_dir)
+    final_whole, final_resumed = (
+        load_checkpoint(whole.run.out_dir),
+        load_checkpoint(resumed.run.out_dir),
+    )
     assert final_whole is not None and final_resumed is not None
     assert final_resumed.server_round == 3
     for name, value in final_whole.arrays.items():

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from scipy.stats import chisquare
 from torch import nn
 
+from fedquant.config import DPQuantSettings, RunConfig
 from fedquant.dpquant import (
     LayerScheduler,
     QuantPolicy,
@@ -66,10 +67,17 @@ def test_num_quantized(n: int, ratio: float, k: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("n", "ratio"), [(4, -0.1), (4, 1.1), (4, math.nan), (-1, 0.5), (2.0, 0.5)]
+    ("n", "ratio", "field"),
+    [
+        (4, -0.1, "ratio"),
+        (4, 1.1, "ratio"),
+        (4, math.nan, "ratio"),
+        (-1, 0.5, "n_layers"),
+        (2.0, 0.5, "n_layers"),
+    ],
 )
-def test_num_quantized_rejects(n: int, ratio: float) -> None:
-    with pytest.raises(ValueError):
+def test_num_quantized_rejects(n: int, ratio: float, field: str) -> None:
+    with pytest.raises(ValueError, match=f"`{field}`"):
         num_quantized(n, ratio)
 
 
@@ -225,6 +233,33 @@ def test_update_sensitivity_is_an_ema() -> None:
         sched.update_sensitivity(np.array([0.0, np.inf, 0.0]))
 
 
+def test_scheduler_takes_its_constants_from_the_run_config() -> None:
+    """One source: a run's DPQuantSettings, whose defaults are also the scheduler's."""
+    settings = RunConfig.from_flower(
+        {
+            "quant-policy": "random",
+            "quant-train-ratio": 0.75,
+            "dpquant-beta": 20.0,
+            "dpquant-alpha": 0.25,
+        }
+    ).dpquant
+    sched = LayerScheduler.from_settings(settings, n_layers=8, seed=4)
+    assert (sched.policy, sched.ratio, sched.beta, sched.alpha, sched.seed) == (
+        QuantPolicy.RANDOM,
+        0.75,
+        20.0,
+        0.25,
+        4,
+    )
+    assert sched.k == 6 and sched.epochs_done == 0
+    np.testing.assert_array_equal(sched.sensitivity, np.zeros(8))
+    defaults = DPQuantSettings()
+    bare = LayerScheduler(n_layers=8, policy=QuantPolicy.DPQUANT, ratio=0.5)
+    assert (bare.beta, bare.alpha) == (defaults.beta, defaults.alpha)
+    # The overrides differ from the defaults: the first check tells the two apart.
+    assert (bare.beta, bare.alpha) != (settings.beta, settings.alpha)
+
+
 def test_to_dict_is_plain_and_round_trips() -> None:
     sched = LayerScheduler(n_layers=4, policy=QuantPolicy.STATIC, ratio=0.5, seed=9)
     sched.update_sensitivity(np.array([0.1, 0.2, 0.3, 0.4]))
@@ -264,7 +299,9 @@ def test_to_dict_is_plain_and_round_trips() -> None:
 def test_scheduler_from_dict_rejects_malformed(change: dict) -> None:
     d = LayerScheduler(n_layers=4, policy=QuantPolicy.STATIC, ratio=0.5).to_dict()
     d.update(change)
-    with pytest.raises(ValueError):
+    (key,) = change
+    named = "exactly the keys" if key == "extra" else f"`{key}`"  # the error names the field
+    with pytest.raises(ValueError, match=named):
         LayerScheduler.from_dict(d)
 
 
@@ -297,7 +334,7 @@ N_LAYERS = 3
 
 
 def _synthetic(scale: np.ndarray, calls: list[int] | None = None):
-    """x (N, n); loss_fp = ‖x‖², loss_i = loss_fp + scale_i · x_i, so r(x) = scale · x."""
+    """Losses of x (N, n): loss_fp = ‖x‖², loss_i = loss_fp + scale_i · x_i; r(x) = scale · x."""
     s = torch.as_tensor(scale, dtype=torch.float64)
 
     def losses(layer: int | None, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -363,8 +400,12 @@ def test_estimator_clipping_bounds_each_contribution() -> None:
     # since all point into the positive orthant it is close to that bound.
     assert np.linalg.norm(total) <= batch * clip * (1 + 1e-9)
     assert np.linalg.norm(total) > 0.8 * batch * clip
-    # Without clipping the sum would be ~1e6 times larger.
-    assert np.linalg.norm(total) < 1e-3 * 1e6 * float(x.sum())
+    # Oracle: each r(x) = 1e6 · x is clipped to C_a · x / ‖x‖ (all are far above C_a), and
+    # B is the Poisson subsample drawn first from the generator (keep u < q_a).
+    keep = torch.rand(len(x), generator=torch.Generator().manual_seed(4)) < q
+    assert int(keep.sum()) == batch
+    unit = x[keep] / torch.linalg.vector_norm(x[keep], dim=1, keepdim=True)
+    np.testing.assert_allclose(total, clip * unit.sum(dim=0).numpy(), rtol=1e-9)
 
 
 def test_estimator_subsample_and_noise_statistics() -> None:
@@ -469,21 +510,21 @@ def test_theoretical_speedup_headline_and_boundaries() -> None:
 
 
 @pytest.mark.parametrize(
-    ("flops", "quantized", "kwargs"),
+    ("flops", "quantized", "kwargs", "field"),
     [
-        ([], [], {}),
-        ([0.0, 0.0], [], {}),
-        ([1.0, -1.0], [], {}),
-        ([1.0, 2.0], [2], {}),
-        ([1.0, 2.0], [0, 0], {}),
-        ([1.0, 2.0], [0], {"low_precision_speedup": 0.0}),
-        ([1.0, 2.0], [0], {"analysis_flops": -1.0}),
+        ([], [], {}, "flops"),
+        ([0.0, 0.0], [], {}, "flops"),
+        ([1.0, -1.0], [], {}, "flops"),
+        ([1.0, 2.0], [2], {}, "quantized"),
+        ([1.0, 2.0], [0, 0], {}, "quantized"),
+        ([1.0, 2.0], [0], {"low_precision_speedup": 0.0}, "low_precision_speedup"),
+        ([1.0, 2.0], [0], {"analysis_flops": -1.0}, "analysis_flops"),
     ],
 )
 def test_theoretical_speedup_rejects(
-    flops: list[float], quantized: list[int], kwargs: dict
+    flops: list[float], quantized: list[int], kwargs: dict, field: str
 ) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"`{field}`"):
         theoretical_speedup(flops, quantized, **kwargs)
 
 

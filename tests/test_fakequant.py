@@ -1,5 +1,8 @@
-"""Tests for fedquant.fakequant: format arithmetic against brute-force oracles, exact
-per-sample gradients through Opacus's hooks path, and layer switching after wrapping."""
+"""Tests for fedquant.fakequant.
+
+Format arithmetic against brute-force oracles, exact per-sample gradients through
+Opacus's hooks path, and layer switching after wrapping.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fedquant.fakequant as fq
+from fedquant.config import ModelName
 from fedquant.fakequant import (
     ActScale,
     QConv2d,
@@ -30,20 +34,14 @@ from fedquant.fakequant import (
     quantized_indices,
     set_quantized,
 )
-from fedquant.models import ModelName, build_model
+from fedquant.models import build_model
 
 FORMATS = list(QuantFormat)
 FORMATS_OR_NONE = [None, *FORMATS]
 INT_LEVELS = {QuantFormat.INT8: 127, QuantFormat.INT4: 7}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: a second intra-op thread only adds spin-wait on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gen(seed: int) -> torch.Generator:

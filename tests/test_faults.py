@@ -47,7 +47,18 @@ class FaultyGrid(InProcessGrid):
 
 
 def faulty_run(tmp_path: Path, *, min_replies: int) -> tuple[RunConfig, list[dict]]:
-    cfg = RunConfig.from_flower({"num-supernodes": 4, "num-server-rounds": 2, "local-steps": 10, "dp": False, "quant-policy": QuantPolicy.NONE, "min-replies": min_replies, "round-timeout": 1.0, "out-dir": str(tmp_path)})
+    cfg = RunConfig.from_flower(
+        {
+            "num-supernodes": 4,
+            "num-server-rounds": 2,
+            "local-steps": 10,
+            "dp": False,
+            "quant-policy": QuantPolicy.NONE,
+            "min-replies": min_replies,
+            "round-timeout": 1.0,
+            "out-dir": str(tmp_path),
+        }
+    )
     grid = FaultyGrid(client_app, num_nodes=4, run_config=cfg.to_flower())
     start = time.monotonic()
     run(grid, cfg, strategy_from_config(cfg))

@@ -93,15 +93,15 @@ def test_float32_mode_accepts_fortran_order_and_rejects_nonfinite() -> None:
     content[CODES_KEY]["w"] = Array(x)
     np.testing.assert_array_equal(decode_update(content)["w"].values, x)
     content[CODES_KEY]["w"] = Array(np.array([[1.0, np.nan, 0.0]] * 2, dtype=np.float32))
-    with pytest.raises(PayloadError) as err:
+    with pytest.raises(
+        PayloadError, match="tensor 'w', field 'data': float32 values must be finite"
+    ) as err:
         decode_update(content)
     assert (err.value.tensor, err.value.field) == ("w", "data")
 
 
 def test_codes_are_raw_packed_bytes() -> None:
-    content = encode_update(
-        {"w": torch.randn(10, 10)}, bits=3, rounding=Rounding.NEAREST
-    )
+    content = encode_update({"w": torch.randn(10, 10)}, bits=3, rounding=Rounding.NEAREST)
     array = content[CODES_KEY]["w"]
     assert (array.dtype, array.shape, array.stype) == ("bitpacked", (10, 10), PACKED_STYPE)
     assert len(array.data) == packed_size(100, bits=3) == 38
@@ -133,7 +133,10 @@ def test_payload_error_message_attributes_and_pickle() -> None:
     assert isinstance(err, ValueError)
     back = pickle.loads(pickle.dumps(err))
     assert (back.tensor, back.field, back.reason, str(back)) == (
-        err.tensor, err.field, err.reason, str(err)
+        err.tensor,
+        err.field,
+        err.reason,
+        str(err),
     )
     assert str(PayloadError(tensor=None, field="codes", reason="missing record")) == (
         "field 'codes': missing record"
@@ -248,9 +251,7 @@ def _float_mode_header_lies(content: RecordDict) -> None:
     _to_float_mode(content)
     good = Array(np.zeros(SHAPE, dtype=np.float32))
     bad = Array(np.zeros(1, dtype=np.float32)).data.replace(b"(1,)", b"(1000000,)")
-    content[CODES_KEY][NAME] = Array(
-        dtype=good.dtype, shape=good.shape, stype=good.stype, data=bad
-    )
+    content[CODES_KEY][NAME] = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=bad)
 
 
 MALFORMED: dict[str, tuple[Mutation, str | None, str]] = {
@@ -262,7 +263,9 @@ MALFORMED: dict[str, tuple[Mutation, str | None, str]] = {
     "missing meta mse": (_drop_meta("mse"), NAME, "mse"),
     "extra meta field": (_set_meta("scale", 1.0), NAME, "scale"),
     "meta key without separator": (
-        _wrong_record(META_KEY, ConfigRecord({"bits": 4})), None, "quant"
+        _wrong_record(META_KEY, ConfigRecord({"bits": 4})),
+        None,
+        "quant",
     ),
     "bits 0": (_set_meta("bits", 0), NAME, "bits"),
     "bits 9": (_set_meta("bits", 9), NAME, "bits"),
@@ -316,7 +319,7 @@ def test_malformed_reply_raises_payload_error(case: str) -> None:
     # (which cannot carry an int beyond 64 bits).
     received = [content] if case in NOT_ON_THE_WIRE else [content, _wire(content)]
     for reply in received:
-        with pytest.raises(PayloadError) as err:
+        with pytest.raises(PayloadError, match=f"field {field!r}") as err:
             decode_update(reply, expected=EXPECTED)
         assert (err.value.tensor, err.value.field) == (tensor, field), str(err.value)
 
@@ -324,13 +327,15 @@ def test_malformed_reply_raises_payload_error(case: str) -> None:
 def test_shape_is_checked_against_bytes_without_expected() -> None:
     content = _good()
     _set_array(shape=(5, 5))(content)  # 25 codes at 4 bits = 13 bytes, 15 were sent
-    with pytest.raises(PayloadError) as err:
+    with pytest.raises(
+        PayloadError, match=r"15 bytes, but shape \(5, 5\) at 4 bits packs to 13"
+    ) as err:
         decode_update(content)
     assert (err.value.tensor, err.value.field) == (NAME, "data")
 
 
 def test_decode_rejects_non_recorddict() -> None:
-    with pytest.raises(PayloadError) as err:
+    with pytest.raises(PayloadError, match="must be a RecordDict, got dict") as err:
         decode_update({CODES_KEY: ArrayRecord()})  # type: ignore[arg-type]
     assert err.value.field == "content"
 

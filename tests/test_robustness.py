@@ -1,5 +1,7 @@
-"""Hostile clients through the real round loop: replies that pass validation cannot
-steer the model (issue: robust weighting, norm bounds and recovery by default).
+"""Hostile clients through the real round loop.
+
+Replies that pass validation cannot steer the model (issue: robust weighting, norm
+bounds and recovery by default).
 
 10 clients, 5 rounds, 4-bit uploads, no DP, the real ServerApp loop, strategy and
 ClientApp in-process (``sims.bench.attacks.HostileGrid``), each attack against an
@@ -30,12 +32,21 @@ HOSTILE = 1  # node id of the single attacker
 
 
 def config(out: Path, **overrides: Any) -> RunConfig:
-    """Non-private 4-bit runs of 5 rounds x 10 local steps; only the last round is
-    evaluated (the assertions are on final accuracy and per-round counts)."""
+    """Non-private 4-bit runs of 5 rounds x 10 local steps.
+
+    Only the last round is evaluated (the assertions are on final accuracy and per-round
+    counts).
+    """
     base: dict[str, Any] = {
-        "num-supernodes": CLIENTS, "num-server-rounds": ROUNDS, "local-steps": 10,
-        "batch-size": 64, "dp": False, "quant-policy": QuantPolicy.NONE, "bits": 4,
-        "eval-every": ROUNDS, "out-dir": str(out),
+        "num-supernodes": CLIENTS,
+        "num-server-rounds": ROUNDS,
+        "local-steps": 10,
+        "batch-size": 64,
+        "dp": False,
+        "quant-policy": QuantPolicy.NONE,
+        "bits": 4,
+        "eval-every": ROUNDS,
+        "out-dir": str(out),
     }
     return RunConfig.from_flower({**base, **{k.replace("_", "-"): v for k, v in overrides.items()}})
 
@@ -95,9 +106,7 @@ def test_a_reply_claiming_zero_error_gains_no_control(tmp_path: Path, control: f
     assert results["summary"]["rejected-replies"] == 0
 
 
-def test_a_sign_flipped_x9_update_counts_as_one_median_vote(
-    tmp_path: Path, control: float
-) -> None:
+def test_a_sign_flipped_x9_update_counts_as_one_median_vote(tmp_path: Path, control: float) -> None:
     results = attacked(tmp_path, {HOSTILE: ATTACKS["flip-x9"]()})
     assert final(results) >= control - 1.0
     assert all(r["norm-clipped"] >= 1 for r in results["rounds"])
@@ -115,7 +124,7 @@ def test_an_x100_update_is_clipped_to_the_median(tmp_path: Path, control: float)
 def test_a_claimed_example_count_at_the_cap_buys_at_most_the_share_cap(
     tmp_path: Path, control: float
 ) -> None:
-    cap = RunConfig().max_num_examples
+    cap = RunConfig().robust.max_num_examples
     attack = Attack("count-at-cap", metrics(num_examples=cap - 1))
     results = attacked(tmp_path, {HOSTILE: attack}, aggregator="fedavg")
     assert final(results) >= control - 1.0
@@ -129,7 +138,10 @@ def test_three_colluding_sign_flippers_against_robust_rules(
 ) -> None:
     attacks = {node: Attack("flip-x9", scaled(-9.0)) for node in (1, 2, 3)}
     results = attacked(
-        tmp_path, attacks, aggregator=aggregator, byzantine_clients=3,
+        tmp_path,
+        attacks,
+        aggregator=aggregator,
+        byzantine_clients=3,
         local_steps=COLLUSION_STEPS,
     )
     assert final(results) >= long_control - 2.0
@@ -138,10 +150,13 @@ def test_three_colluding_sign_flippers_against_robust_rules(
 def test_a_poisoned_round_is_discarded_and_honest_replies_stay_accepted(
     tmp_path: Path, honest: list[float]
 ) -> None:
-    """Six colluding x1000 replies in round 3, with the norm bound off and a plain
-    mean: the aggregate step is absurd against rounds 1-2, so round 3 is discarded;
-    rounds 4 and 5 accept every honest reply, and with one round lost the run ends
-    where the control stood after 4 rounds."""
+    """A poisoned round is discarded; the honest replies after it are applied.
+
+    Six colluding x1000 replies in round 3, with the norm bound off and a plain mean: the
+    aggregate step is absurd against rounds 1-2, so round 3 is discarded; rounds 4 and 5
+    accept every honest reply, and with one round lost the run ends where the control
+    stood after 4 rounds.
+    """
     attacks = {node: Attack("x1000-once", scaled(1000.0), rounds={3}) for node in range(1, 7)}
     results = attacked(tmp_path, attacks, aggregator="mean", update_norm_factor=0.0)
     rows = results["rounds"]
@@ -155,10 +170,13 @@ def test_a_poisoned_round_is_discarded_and_honest_replies_stay_accepted(
 def test_hostile_metrics_are_rejected_and_results_stay_strict_json(
     tmp_path: Path, control: float
 ) -> None:
-    """An epsilon in a run without DP, a huge loss the schema has no place for, and a
-    count at the (exclusive) limit: each reply is rejected and counted, the round
-    goes on, and results.json has no NaN/Infinity token (strict_load)."""
-    limit = RunConfig().max_num_examples
+    """Hostile metrics are rejected and counted; the round goes on.
+
+    An epsilon in a run without DP, a huge loss the schema has no place for, and a count
+    at the (exclusive) limit: each reply is rejected and counted, the round goes on, and
+    results.json has no NaN/Infinity token (strict_load).
+    """
+    limit = RunConfig().robust.max_num_examples
     attacks = {
         1: Attack("epsilon-without-dp", metrics(epsilon=1e308)),
         2: Attack("loss", metrics(train_loss=math.inf)),
@@ -187,4 +205,6 @@ def test_a_rule_that_cannot_tolerate_the_byzantine_count_fails_at_start(
     aggregator: str, byzantine: int, clients: int
 ) -> None:
     with pytest.raises(ConfigError, match=f"byzantine-clients.*{byzantine}.*cannot tolerate"):
-        RunConfig.from_flower({"aggregator": aggregator, "byzantine-clients": byzantine, "num-supernodes": clients})
+        RunConfig.from_flower(
+            {"aggregator": aggregator, "byzantine-clients": byzantine, "num-supernodes": clients}
+        )

@@ -23,18 +23,19 @@ from flwr.app import (
     ConfigRecord,
     Error,
     Message,
-    MessageType,
     MetricRecord,
     RecordDict,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedquant.codec import ClipRule, Rounding
-from fedquant.payload import CODES_KEY, MAX_MSE, META_KEY, REPLY_METRICS, encode_update
-from strategies.quantized import MAX_NUM_EXAMPLES, METRICS_KEY, QuantizedStrategy, ReplyLimits
+from fedquant.config import ClipRule, Rounding
+from fedquant.payload import CODES_KEY, MAX_MSE, META_KEY
+from fedquant.reply import MAX_NUM_EXAMPLES, METRICS_KEY, REPLY_METRICS, ReplyLimits, encode_reply
+from strategies.quantized import QuantizedStrategy
+from tests.conftest import SMALL_MODEL, small_model, train_instruction
 
-SHAPES = {"conv.weight": (4, 1, 3, 3), "conv.bias": (4,), "fc.weight": (10, 36), "fc.bias": (10,)}
+SHAPES = SMALL_MODEL
 ROUND = 3
 BAD_NODE = 99
 MAX_CLIP = 1e4
@@ -51,47 +52,37 @@ Mutation = Callable[[Message, st.DataObject], Message]
 # ------------------------------------------------------------------ replies
 
 
-def global_arrays() -> ArrayRecord:
-    rng = np.random.default_rng(0)
-    return ArrayRecord({k: Array(rng.normal(size=s).astype(np.float32)) for k, s in SHAPES.items()})
-
-
 @functools.cache
 def _content(node: int, bits: int) -> RecordDict:
     g = torch.Generator().manual_seed(node)
     update = {k: 0.01 * torch.randn(s, generator=g) for k, s in SHAPES.items()}
-    content = encode_update(
-        update, bits=bits, clip=ClipRule.OCTAV, rounding=Rounding.STOCHASTIC, generator=g
+    metrics = {
+        "num-examples": 10 * node + 5,
+        "server-round": ROUND,
+        "epsilon": 1.0,
+        "noise-multiplier": 1.1,
+        "speedup": 1.5,
+        "local-epochs": 2,
+        "quantized-epochs": [1, 2],
+    }
+    return encode_reply(
+        update,
+        metrics,
+        bits=bits,
+        clip=ClipRule.OCTAV,
+        rounding=Rounding.STOCHASTIC,
+        generator=g,
     )
-    content[METRICS_KEY] = MetricRecord(
-        {
-            "num-examples": 10 * node + 5,
-            "server-round": ROUND,
-            "epsilon": 1.0,
-            "noise-multiplier": 1.1,
-            "speedup": 1.5,
-            "local-epochs": 2,
-            "quantized-epochs": [1, 2],
-        }
-    )
-    return content
-
-
-def instruction(node: int) -> Message:
-    """The instruction a reply answers (Flower needs its message id set)."""
-    msg = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
-    msg.metadata.__dict__["_message_id"] = f"instruction-{node}"
-    return msg
 
 
 def reply(node: int, bits: int = 4) -> Message:
     """A valid reply, with its own copy of the records (the fuzzer edits them)."""
-    return Message(content=copy.deepcopy(_content(node, bits)), reply_to=instruction(node))
+    return Message(content=copy.deepcopy(_content(node, bits)), reply_to=train_instruction(node))
 
 
 GOOD_NODES = (1, 2, 3)
 # The run's privacy budget and caps: replies must stay within them.
-LIMITS = ReplyLimits(max_epsilon=2.0, max_speedup=4.0)
+LIMITS = ReplyLimits(max_epsilon=2.0, max_speedup=4.0, max_clip=MAX_CLIP)
 
 
 @functools.cache
@@ -101,8 +92,7 @@ def good() -> list[Message]:
 
 
 def aggregate(replies: list[Message]) -> tuple[QuantizedStrategy, ArrayRecord | None, MetricRecord]:
-    strategy = QuantizedStrategy(max_clip=MAX_CLIP, limits=LIMITS)
-    strategy._global = global_arrays()  # as configure_train records it
+    strategy = QuantizedStrategy(limits=LIMITS, global_model=small_model())
     arrays, metrics = strategy.aggregate_train(ROUND, replies)
     assert metrics is not None
     return strategy, arrays, metrics
@@ -339,9 +329,7 @@ def missing_or_extra_record(msg: Message, data: st.DataObject) -> Message:
 
 
 def missing_metric(msg: Message, data: st.DataObject) -> Message:
-    del msg.content[METRICS_KEY][
-        data.draw(st.sampled_from(["num-examples", "server-round"]))
-    ]
+    del msg.content[METRICS_KEY][data.draw(st.sampled_from(["num-examples", "server-round"]))]
     return msg
 
 
@@ -384,9 +372,7 @@ def bad_other_metric(msg: Message, data: st.DataObject) -> Message:
                 st.just("speedup"),
                 st.floats(max_value=0.0) | st.floats(min_value=4.001) | not_finite | beyond_float,
             ),
-            st.tuples(
-                st.just("local-epochs"), st.floats() | st.integers(max_value=-1) | huge_ints
-            ),
+            st.tuples(st.just("local-epochs"), st.floats() | st.integers(max_value=-1) | huge_ints),
             # A metric the reply schema does not have (e.g. a loss the server never asked for).
             st.tuples(
                 st.text(min_size=1, max_size=12).filter(lambda k: k not in REPLY_METRICS),
@@ -408,7 +394,7 @@ def bad_other_metric(msg: Message, data: st.DataObject) -> Message:
 
 def error_message(msg: Message, data: st.DataObject) -> Message:
     error = Error(code=data.draw(st.integers(0, 10**6)), reason=data.draw(st.text(max_size=20)))
-    return Message(error, reply_to=instruction(BAD_NODE))
+    return Message(error, reply_to=train_instruction(BAD_NODE))
 
 
 def bad_budget_status(msg: Message, data: st.DataObject) -> Message:
@@ -424,7 +410,7 @@ def bad_budget_status(msg: Message, data: st.DataObject) -> Message:
             st.floats(max_value=-1e-300) | st.floats(min_value=2.03) | not_finite | beyond_float
         )
     content = RecordDict({METRICS_KEY: MetricRecord(metrics)})
-    return Message(content=content, reply_to=instruction(BAD_NODE))
+    return Message(content=content, reply_to=train_instruction(BAD_NODE))
 
 
 MUTATIONS: list[Mutation] = [

@@ -27,7 +27,7 @@ from fedquant.files import write_atomically
 
 CHECKPOINT_FILE = "checkpoint.npz"
 _META = "__fedquant_checkpoint__"  # an entry name no model parameter has
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the strategy state holds the stock base as a whole (strategies.stock)
 # Keys that do not change the experiment: a longer run, other timeouts, fewer evals.
 MAY_CHANGE_ON_RESUME = frozenset(
     {"resume", "num-server-rounds", "round-timeout", "eval-every", "out-dir"}

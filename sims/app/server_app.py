@@ -13,6 +13,7 @@ import logging
 import random
 import time
 from logging import INFO, WARNING
+from typing import cast
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
@@ -26,6 +27,7 @@ from fedquant.seeds import node_seed
 from fedquant.training import validate_privacy_plan
 from sims.app.checkpoint import Checkpoint, check_same_experiment, load_checkpoint, save_checkpoint
 from sims.app.report import RunReport
+from strategies import round_report as metric
 from strategies.quantized import QuantizedStrategy, strategy_from_config
 
 app = ServerApp()
@@ -136,13 +138,19 @@ def wait_for_nodes(grid: Grid, wanted: int, *, timeout: float) -> int:
     while (online := len(list(grid.get_node_ids()))) < wanted and time.monotonic() < deadline:
         time.sleep(1.0)
     if online < wanted:
-        log(WARNING, "[fedquant] %d of %d nodes online after %.0f s; going on with them",
-            online, wanted, timeout)
+        log(
+            WARNING,
+            "[fedquant] %d of %d nodes online after %.0f s; going on with them",
+            online,
+            wanted,
+            timeout,
+        )
     return online
 
 
 def _progress_round(row: dict[str, object]) -> None:
-    layers = row["quantized-layer-fraction"] or []
+    layers = cast(list[float], row[metric.QUANTIZED_LAYER_FRACTION] or [])
+    epsilons = cast(list[float], row[metric.EPSILON_CLIENTS] or [])
     accuracy = row["accuracy"]
     _progress(
         "round %2d: accuracy %s | downlink %s B | uplink %s B vs float32 %s B (x%.1f smaller)"
@@ -151,24 +159,27 @@ def _progress_round(row: dict[str, object]) -> None:
         " budget-exhausted %d, norm-clipped %d, down-weighted %d%s",
         row["round"],
         "-" if accuracy is None else f"{accuracy:.4f}",
-        f"{row['downlink-bytes'] or 0:,}",
-        f"{row['uplink-bytes'] or 0:,}",
-        f"{row['uplink-float32-bytes'] or 0:,}",
+        f"{row[metric.DOWNLINK_BYTES] or 0:,}",
+        f"{row[metric.UPLINK_BYTES] or 0:,}",
+        f"{row[metric.UPLINK_FLOAT32_BYTES] or 0:,}",
         row["compression"] or 0.0,
-        row["mse-mean"] or 0.0,
-        row["epsilon-max"] or 0.0,
-        " ".join(f"{e:.2f}" for e in row["epsilon-clients"] or []) or "-",  # type: ignore[union-attr]
-        "[" + " ".join(f"{f:.2f}" for f in layers) + "]",  # type: ignore[union-attr]
-        row["speedup"] or 1.0,
-        row["accepted"] or 0,
-        row["rejected"] or 0,
-        row["failed"] or 0,
-        row["missing"] or 0,
-        row["budget-exhausted"] or 0,
-        row["norm-clipped"] or 0,
-        row["down-weighted"] or 0,
-        " | SKIPPED: too few replies, model unchanged" if row["skipped"]
-        else " | DISCARDED: absurd aggregate, model unchanged" if row["discarded"] else "",
+        row[metric.MSE_MEAN] or 0.0,
+        row[metric.EPSILON_MAX] or 0.0,
+        " ".join(f"{e:.2f}" for e in epsilons) or "-",
+        "[" + " ".join(f"{f:.2f}" for f in layers) + "]",
+        row[metric.SPEEDUP] or 1.0,
+        row[metric.ACCEPTED] or 0,
+        row[metric.REJECTED] or 0,
+        row[metric.FAILED] or 0,
+        row[metric.MISSING] or 0,
+        row[metric.BUDGET_EXHAUSTED] or 0,
+        row[metric.NORM_CLIPPED] or 0,
+        row[metric.DOWN_WEIGHTED] or 0,
+        " | SKIPPED: too few replies, model unchanged"
+        if row[metric.SKIPPED]
+        else " | DISCARDED: absurd aggregate, model unchanged"
+        if row[metric.DISCARDED]
+        else "",
     )
 
 

@@ -29,8 +29,8 @@ from fedquant.payload import (
     decode_update,
     encode_update,
 )
+from fedquant.reply import METRICS_KEY, SERVER_ROUND
 from sims.launch.inprocess import InProcessGrid
-from strategies.quantized import METRICS_KEY
 
 # An edit of a reply's records by the node that sends it.
 Edit = Callable[[RecordDict, int], RecordDict]
@@ -38,8 +38,10 @@ Edit = Callable[[RecordDict, int], RecordDict]
 
 @dataclass(frozen=True)
 class Attack:
-    """What a hostile client does to its reply's records, in the rounds it attacks
-    (``rounds``; empty: every round)."""
+    """What a hostile client does to its reply's records.
+
+    It edits them in the rounds it attacks (``rounds``; empty: every round).
+    """
 
     name: str
     edit: Edit
@@ -48,7 +50,7 @@ class Attack:
 
 def zero_mse(content: RecordDict, node: int) -> RecordDict:
     """Claim a quantization error of 0 on every tensor (to win error weighting)."""
-    meta = content[META_KEY]
+    meta = content.config_records[META_KEY]
     for key in list(meta.keys()):
         if key.rsplit(META_SEP, 1)[1] == "mse":
             meta[key] = 0.0
@@ -56,10 +58,10 @@ def zero_mse(content: RecordDict, node: int) -> RecordDict:
 
 
 def scaled(factor: float) -> Edit:
-    """Multiply the update by ``factor`` (negative: sign-flipped) and re-encode it as
-    valid codes at the same bits, reporting the honest MSE of the re-encoding.
+    """Multiply the update by ``factor`` (negative: sign-flipped) and re-encode it.
 
-    The decoded values sit on the client's grid, and a scaled copy of a grid
+    The result is valid codes at the same bits, reporting the honest MSE of the
+    re-encoding. The decoded values sit on the client's grid, and a scaled copy of a grid
     re-encodes with almost no error, an MSE no honest client reports; a uniform
     jitter of one grid step first gives back continuous values like the update the
     client computed, so the reply looks like an honest encoding of a scaled update.
@@ -76,7 +78,10 @@ def scaled(factor: float) -> Edit:
             update[name] = factor * (values + jitter)
         bits = {t.bits for t in decoded.values()}.pop()
         records = encode_update(
-            update, bits=bits, clip=ClipRule.OCTAV, rounding=Rounding.STOCHASTIC,
+            update,
+            bits=bits,
+            clip=ClipRule.OCTAV,
+            rounding=Rounding.STOCHASTIC,
             generator=generator,
         )
         records[METRICS_KEY] = content[METRICS_KEY]
@@ -119,8 +124,11 @@ ATTACKS: dict[str, Callable[..., Attack]] = {
 
 
 class HostileGrid(InProcessGrid):
-    """An :class:`~sims.launch.inprocess.InProcessGrid` whose nodes in ``attacks`` edit
-    their training replies before the server sees them."""
+    """An in-process grid with hostile nodes.
+
+    An :class:`~sims.launch.inprocess.InProcessGrid` whose nodes in ``attacks`` edit
+    their training replies before the server sees them.
+    """
 
     def __init__(
         self,
@@ -134,6 +142,7 @@ class HostileGrid(InProcessGrid):
         self.attacks = dict(attacks)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Deliver ``messages``; a hostile node's training reply is edited on its way back."""
         ids = []
         for msg in messages:
             node = msg.metadata.dst_node_id
@@ -142,7 +151,7 @@ class HostileGrid(InProcessGrid):
             attack = self.attacks.get(node)
             reply = self._replies[msg_id]
             if attack is not None and not reply.has_error() and CODES_KEY in reply.content:
-                server_round = int(reply.content[METRICS_KEY]["server-round"])
+                server_round = reply.content.metric_records[METRICS_KEY][SERVER_ROUND]
                 if not attack.rounds or server_round in attack.rounds:
                     try:
                         content = attack.edit(copy.deepcopy(reply.content), node)

@@ -7,7 +7,7 @@ Two federations run in this one process, round for round, alternating which goes
 so that machine noise falls on both alike:
 
 - fedquant: a ClientApp that replies as ``clients.client_app.app`` does (4-bit codes of
-  Δ via ``encode_update``: :func:`quantized_reply`, which a test checks against the
+  Δ via ``fedquant.reply.encode_reply``: :func:`quantized_reply`, which a test checks against the
   app's own reply), and the ``QuantizedStrategy`` of ``strategy_from_config``
   (error-weighted rule);
 - stock: a ClientApp that replies as Flower's stock apps do, with the float32 local
@@ -78,10 +78,10 @@ from flwr.supercore.inflatable.inflatable_utils import (
     validate_object_content,
 )
 
-from clients.client_app import ARRAYS_KEY, METRICS_KEY, LocalRound, local_train
+from clients.client_app import LocalRound, local_train
 from fedquant.config import PayloadMode, RunConfig
 from fedquant.models import build_model
-from fedquant.payload import encode_update
+from fedquant.reply import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, encode_reply
 from fedquant.seeds import node_seed
 from sims.bench.sweep import write_report
 from sims.launch.inprocess import InProcessGrid
@@ -165,21 +165,20 @@ def quantized_reply(msg: Message, result: LocalRound) -> Message:
     rounding_rng = torch.Generator().manual_seed(
         node_seed(cfg.run.seed, result.server_round, result.partition_id)
     )
-    content = encode_update(
+    content = encode_reply(
         tensors,
+        result.metrics,
         bits=cfg.codec.bits,
         clip=cfg.codec.clip,
         rounding=cfg.codec.rounding,
         generator=rounding_rng,
     )
-    metrics: dict[str, int | float | list[int] | list[float]] = dict(result.metrics)
-    content[METRICS_KEY] = MetricRecord(metrics)
     return Message(content=content, reply_to=msg)
 
 
 def float32_reply(msg: Message, result: LocalRound) -> Message:
     """A stock reply, as Flower's quickstart apps send: float32 local weights, example count."""
-    metrics = MetricRecord({"num-examples": result.metrics["num-examples"]})
+    metrics = MetricRecord({NUM_EXAMPLES: result.metrics[NUM_EXAMPLES]})
     content = RecordDict({ARRAYS_KEY: ArrayRecord(result.local_state), METRICS_KEY: metrics})
     return Message(content=content, reply_to=msg)
 

@@ -82,8 +82,18 @@ FINDING_CHOICES = [
 # Without DP, finding 1 needs the unquantized model and one policy at the same ratio.
 NON_PRIVATE_POLICIES = ("none", "random")
 CELL_KEYS = (
-    "dp", "target-epsilon", "accountant", "quant-policy", "quant-train-ratio", "partitioning",
-    "num-supernodes", "model", "batch-size", "num-server-rounds", "local-steps", "seed",
+    "dp",
+    "target-epsilon",
+    "accountant",
+    "quant-policy",
+    "quant-train-ratio",
+    "partitioning",
+    "num-supernodes",
+    "model",
+    "batch-size",
+    "num-server-rounds",
+    "local-steps",
+    "seed",
     "dpquant-beta",
 )
 # The run-config keys of a cell, as results carry them beside the run's summary.
@@ -185,8 +195,16 @@ def cells(args: argparse.Namespace) -> list[Cell]:
                 batch = args.central_batch_size
                 rounds = rounds * args.clients * args.batch_size // batch
             add(
-                "targets", setting=setting, eps=eps, policy="dpquant", ratio=0.5, seed=seed,
-                model="cnn", rounds=rounds, local_steps=args.local_steps, batch_size=batch,
+                "targets",
+                setting=setting,
+                eps=eps,
+                policy="dpquant",
+                ratio=0.5,
+                seed=seed,
+                model="cnn",
+                rounds=rounds,
+                local_steps=args.local_steps,
+                batch_size=batch,
             )
     for model, setting in _findings(args):
         ratio = FINDING_RATIOS[model]
@@ -203,17 +221,34 @@ def cells(args: argparse.Namespace) -> list[Cell]:
         rows += [(None, p, None) for p in NON_PRIVATE_POLICIES]
         for (eps, policy, beta), seed in itertools.product(rows, args.findings_seeds):
             add(
-                "findings", setting=setting, eps=eps, policy=policy, ratio=ratio, seed=seed,
-                model=model, rounds=args.findings_rounds, local_steps=steps,
-                batch_size=batch, curve=True, beta=beta,
+                "findings",
+                setting=setting,
+                eps=eps,
+                policy=policy,
+                ratio=ratio,
+                seed=seed,
+                model=model,
+                rounds=args.findings_rounds,
+                local_steps=steps,
+                batch_size=batch,
+                curve=True,
+                beta=beta,
             )
     for eps, accountant, seed in itertools.product(
         args.accountant_epsilons, ACCOUNTANTS, args.seeds
     ):
         add(
-            "accountants", setting="iid", eps=eps, policy="dpquant", ratio=0.5, seed=seed,
-            model="cnn", rounds=args.rounds, local_steps=args.local_steps,
-            batch_size=args.batch_size, accountant=accountant,
+            "accountants",
+            setting="iid",
+            eps=eps,
+            policy="dpquant",
+            ratio=0.5,
+            seed=seed,
+            model="cnn",
+            rounds=args.rounds,
+            local_steps=args.local_steps,
+            batch_size=args.batch_size,
+            accountant=accountant,
         )
     return list(out.values())
 
@@ -351,13 +386,15 @@ def finding_rows(rs: Sequence[dict[str, Any]]) -> list[PolicyRow]:
         group = sorted(group, key=lambda r: r["seed"])
         rows.append(
             PolicyRow(
-                dp, policy, tuple(_accuracy(group)),
-                statistics.mean(r["mean-speedup"] or 1.0 for r in group), share,
+                dp,
+                policy,
+                tuple(_accuracy(group)),
+                statistics.mean(r["mean-speedup"] or 1.0 for r in group),
+                share,
                 tuple(r["seed"] for r in group),
             )
         )
     return rows
-
 
 
 def findings_table(rows: Sequence[PolicyRow], late_gain: float) -> list[str]:
@@ -429,8 +466,11 @@ def verdicts(rows: Sequence[PolicyRow]) -> list[str]:
             f" (SE, {n} paired seeds): {verdict(diff, se)}"
         )
     tuned = sorted(label for dp, label in by if dp and label.startswith("dpquant β"))
-    for better, worse in (("dpquant", "random"), *((t, "random") for t in tuned),
-                          ("random", "static")):
+    for better, worse in (
+        ("dpquant", "random"),
+        *((t, "random") for t in tuned),
+        ("random", "static"),
+    ):
         if (True, better) in by and (True, worse) in by:
             diff, se, n = _paired(lambda a, b: a - b, by[True, better], by[True, worse])
             out.append(
@@ -500,11 +540,20 @@ def estimator_diagnostic(
         return float(np.mean([exact[sample_layers(pi, k, rng)].sum() for _ in range(200)]))
 
     def noisy(beta: float) -> float:
-        return float(np.mean([
-            exact[sample_layers(selection_probabilities(
-                exact + rng.normal(0.0, total_sd), beta=beta), k, rng)].sum()
-            for _ in range(draws // 10)
-        ]))
+        return float(
+            np.mean(
+                [
+                    exact[
+                        sample_layers(
+                            selection_probabilities(exact + rng.normal(0.0, total_sd), beta=beta),
+                            k,
+                            rng,
+                        )
+                    ].sum()
+                    for _ in range(draws // 10)
+                ]
+            )
+        )
 
     lines = [
         f"Estimator signal vs noise: {run['model']}, {cfg.run.num_supernodes} client(s) of"
@@ -553,9 +602,7 @@ def pareto_plot(panels: Mapping[str, Sequence[PolicyRow]], path: Path) -> Path:
 
     cols = min(2, len(panels))
     rows_n = -(-len(panels) // cols)
-    fig, axes = plt.subplots(
-        rows_n, cols, figsize=(5.0 * cols, 3.6 * rows_n + 0.8), squeeze=False
-    )
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.0 * cols, 3.6 * rows_n + 0.8), squeeze=False)
     markers = {"none": "o", "static": "s", "random": "^", "dpquant": "*"}
     handles: dict[str, Any] = {}
     for ax, (title, rows) in zip(axes.flat, panels.items(), strict=False):  # spare axes
@@ -563,18 +610,29 @@ def pareto_plot(panels: Mapping[str, Sequence[PolicyRow]], path: Path) -> Path:
             mean, std = _mean_std(row.accuracy)
             label = f"{'DP' if row.dp else 'no DP'} {row.policy}"
             handles[label] = ax.errorbar(
-                row.speedup, mean, yerr=std, markersize=9,
+                row.speedup,
+                mean,
+                yerr=std,
+                markersize=9,
                 marker=markers.get(row.policy, "P"),  # "P": dpquant at another β
-                color="tab:red" if row.dp else "tab:blue", capsize=3, linestyle="none",
+                color="tab:red" if row.dp else "tab:blue",
+                capsize=3,
+                linestyle="none",
             )
         ax.set_title(title)
         ax.set_xlabel("theoretical training speedup")
         ax.set_ylabel("final test accuracy (%)")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
-    fig.legend(list(handles.values()), list(handles), loc="lower center",
-               ncol=min(4, len(handles)), fontsize=8, frameon=False)
+    fig.legend(
+        list(handles.values()),
+        list(handles),
+        loc="lower center",
+        ncol=min(4, len(handles)),
+        fontsize=8,
+        frameon=False,
+    )
     fig.tight_layout(rect=(0, 0.1 if rows_n > 1 else 0.16, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -675,72 +733,144 @@ def dp_sgd_throughput(*, model_name: str, batch_size: int, steps: int, seed: int
 
 
 QUICK = {
-    "seeds": [0], "other_seeds": [0], "rounds": 2, "local_steps": 2, "target_rounds": [],
-    "target_epsilons": [8.0], "targets": ["iid", "central"], "findings_seeds": [0],
-    "findings": FINDING_CHOICES, "findings_rounds": 2, "findings_local_steps": 1,
+    "seeds": [0],
+    "other_seeds": [0],
+    "rounds": 2,
+    "local_steps": 2,
+    "target_rounds": [],
+    "target_epsilons": [8.0],
+    "targets": ["iid", "central"],
+    "findings_seeds": [0],
+    "findings": FINDING_CHOICES,
+    "findings_rounds": 2,
+    "findings_local_steps": 1,
     "findings_central_steps": 2,
-    "findings_batch_size": 64, "accountant_epsilons": [], "noise_epsilons": [8.0],
-    "throughput_steps": 2, "out": "outputs/bench-private-quick",
+    "findings_batch_size": 64,
+    "accountant_epsilons": [],
+    "noise_epsilons": [8.0],
+    "throughput_steps": 2,
+    "out": "outputs/bench-private-quick",
 }
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line; ``--quick`` replaces the defaults not given explicitly."""
     parser = sweep_parser(
-        "python -m sims.bench.private", __doc__, rounds=10, local_steps=20,
+        "python -m sims.bench.private",
+        __doc__,
+        rounds=10,
+        local_steps=20,
         out="outputs/bench-private",
     )
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run of every section: tiny runs, 1-2 seeds (~5 min)")
-    parser.add_argument("--targets", nargs="*", choices=list(SETTINGS),
-                        default=["iid", "dirichlet", "central"],
-                        help="data settings of the accuracy targets (central: one client"
-                        " with all 50,000 examples)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run of every section: tiny runs, 1-2 seeds (~5 min)",
+    )
+    parser.add_argument(
+        "--targets",
+        nargs="*",
+        choices=list(SETTINGS),
+        default=["iid", "dirichlet", "central"],
+        help="data settings of the accuracy targets (central: one client with all 50,000 examples)",
+    )
     parser.add_argument("--target-epsilons", nargs="*", type=float, default=[2.0, 8.0])
-    parser.add_argument("--other-seeds", nargs="*", type=int, default=[0],
-                        help="seeds of the dirichlet and central targets (iid: --seeds)")
-    parser.add_argument("--other-epsilons", nargs="*", type=float, default=[8.0],
-                        help="target epsilons of the dirichlet and central targets (iid:"
-                        " --target-epsilons)")
-    parser.add_argument("--target-rounds", nargs="*", default=["2=5"],
-                        help="EPS=ROUNDS: the targets' run length at EPS (others: --rounds);"
-                        " at epsilon 2, 5 rounds beat 10 (measured: README)")
+    parser.add_argument(
+        "--other-seeds",
+        nargs="*",
+        type=int,
+        default=[0],
+        help="seeds of the dirichlet and central targets (iid: --seeds)",
+    )
+    parser.add_argument(
+        "--other-epsilons",
+        nargs="*",
+        type=float,
+        default=[8.0],
+        help="target epsilons of the dirichlet and central targets (iid: --target-epsilons)",
+    )
+    parser.add_argument(
+        "--target-rounds",
+        nargs="*",
+        default=["2=5"],
+        help="EPS=ROUNDS: the targets' run length at EPS (others: --rounds);"
+        " at epsilon 2, 5 rounds beat 10 (measured: README)",
+    )
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--central-batch-size", type=int, default=1024,
-                        help="expected batch of the central reference (same examples"
-                        " processed: rounds scale down). With 256, 2,000 steps of step 1.0"
-                        " let the noise's random walk grow the weights 40x and ended at"
-                        " 67%% (epsilon 8)")
-    parser.add_argument("--findings", nargs="*", choices=FINDING_CHOICES,
-                        default=["cnn:central", "cnn:federated"],
-                        help="model:setting pairs of the findings section; the default fits"
-                        " 90 minutes on 2 cores with the targets; resnet:central adds ~35"
-                        " min (30 runs of ~140 CPU-s), resnet:federated as much again")
+    parser.add_argument(
+        "--central-batch-size",
+        type=int,
+        default=1024,
+        help="expected batch of the central reference (same examples"
+        " processed: rounds scale down). With 256, 2,000 steps of step 1.0"
+        " let the noise's random walk grow the weights 40x and ended at"
+        " 67%% (epsilon 8)",
+    )
+    parser.add_argument(
+        "--findings",
+        nargs="*",
+        choices=FINDING_CHOICES,
+        default=["cnn:central", "cnn:federated"],
+        help="model:setting pairs of the findings section; the default fits"
+        " 90 minutes on 2 cores with the targets; resnet:central adds ~35"
+        " min (30 runs of ~140 CPU-s), resnet:federated as much again",
+    )
     parser.add_argument("--findings-epsilon", type=float, default=8.0)
     parser.add_argument("--findings-seeds", nargs="*", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--findings-rounds", type=int, default=4)
-    parser.add_argument("--findings-local-steps", type=int, default=None,
-                        help="local steps per round of the 10 federated clients (default:"
-                        " FINDINGS_PLAN, per model)")
-    parser.add_argument("--findings-central-steps", type=int, default=None,
-                        help="local steps per round of the central client (default:"
-                        " FINDINGS_PLAN, as many examples as the federation)")
-    parser.add_argument("--findings-batch-size", type=int, default=None,
-                        help="expected batch of the findings runs (default: FINDINGS_PLAN)")
-    parser.add_argument("--findings-betas", nargs="*", type=float, default=[],
-                        help="DPQuant rows at these softmax temperatures besides the"
-                        " default β (see the estimator diagnostic)")
-    parser.add_argument("--accountant", choices=ACCOUNTANTS, default="prv",
-                        help="accountant of the targets and findings (default prv)")
-    parser.add_argument("--accountant-epsilons", nargs="*", type=float, default=[],
-                        help="targets at which RDP and PRV runs are compared at --seeds")
-    parser.add_argument("--noise-epsilons", nargs="*", type=float,
-                        default=[1.0, 2.0, 4.0, 8.0],
-                        help="targets at which the calibrated noise multipliers are printed")
+    parser.add_argument(
+        "--findings-local-steps",
+        type=int,
+        default=None,
+        help="local steps per round of the 10 federated clients (default:"
+        " FINDINGS_PLAN, per model)",
+    )
+    parser.add_argument(
+        "--findings-central-steps",
+        type=int,
+        default=None,
+        help="local steps per round of the central client (default:"
+        " FINDINGS_PLAN, as many examples as the federation)",
+    )
+    parser.add_argument(
+        "--findings-batch-size",
+        type=int,
+        default=None,
+        help="expected batch of the findings runs (default: FINDINGS_PLAN)",
+    )
+    parser.add_argument(
+        "--findings-betas",
+        nargs="*",
+        type=float,
+        default=[],
+        help="DPQuant rows at these softmax temperatures besides the"
+        " default β (see the estimator diagnostic)",
+    )
+    parser.add_argument(
+        "--accountant",
+        choices=ACCOUNTANTS,
+        default="prv",
+        help="accountant of the targets and findings (default prv)",
+    )
+    parser.add_argument(
+        "--accountant-epsilons",
+        nargs="*",
+        type=float,
+        default=[],
+        help="targets at which RDP and PRV runs are compared at --seeds",
+    )
+    parser.add_argument(
+        "--noise-epsilons",
+        nargs="*",
+        type=float,
+        default=[1.0, 2.0, 4.0, 8.0],
+        help="targets at which the calibrated noise multipliers are printed",
+    )
     parser.add_argument("--throughput-steps", type=int, default=8)
     parser.add_argument("--format", default="fp4")
-    parser.add_argument("--match", default="",
-                        help="run (and tabulate) only the cells whose name contains this")
+    parser.add_argument(
+        "--match", default="", help="run (and tabulate) only the cells whose name contains this"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         defaults = parse_args([])
@@ -772,19 +902,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     if section["targets"]:
         report += [
-            "", f"## Accuracy targets: {args.local_steps} local steps of expected batch"
+            "",
+            f"## Accuracy targets: {args.local_steps} local steps of expected batch"
             f" {args.batch_size} per round, CNN, DPQuant ratio 0.5; rounds per epsilon"
             f" {', '.join(f'{e:g}: {target_rounds(args, e)}' for e in args.target_epsilons)}"
             f" ({args.clients} clients; central: the same examples in batches of"
             f" {args.central_batch_size})",
-            "", *target_table(section["targets"], args.target_epsilons),
+            "",
+            *target_table(section["targets"], args.target_epsilons),
         ]
     panels: dict[str, list[PolicyRow]] = {}
     for model, setting in _findings(args):
         clients = 1 if setting == "central" else args.clients
         rs = [
-            r for r in section["findings"]
-            if r["model"] == model and r["num-supernodes"] == clients
+            r for r in section["findings"] if r["model"] == model and r["num-supernodes"] == clients
         ]
         if not rs:
             continue
@@ -793,10 +924,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = "central (1 client, 50,000 examples)" if clients == 1 else f"{clients} IID clients"
         steps = rs[0]["local-steps"]
         report += [
-            "", f"## DPQuant's findings: {model}, {where}, ratio {FINDING_RATIOS[model]},"
+            "",
+            f"## DPQuant's findings: {model}, {where}, ratio {FINDING_RATIOS[model]},"
             f" epsilon {args.findings_epsilon:g} and no DP; {args.findings_rounds} rounds x"
             f" {steps} local steps of expected batch {rs[0]['batch-size']}",
-            "", *findings_table(rows, _late_gain(unquantized_dp)), "", *verdicts(rows),
+            "",
+            *findings_table(rows, _late_gain(unquantized_dp)),
+            "",
+            *verdicts(rows),
         ]
         panels[f"{model}, {'central' if clients == 1 else 'federated'}"] = rows
         first = min(unquantized_dp, key=lambda r: r["seed"], default=None)
@@ -807,22 +942,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         report += ["", f"Accuracy vs theoretical speedup per policy: {plot}"]
     if section["accountants"]:
         report += [
-            "", "## Accountants at the same seeds (DPQuant, ratio 0.5)",
-            "", *accountant_table(section["accountants"], args.accountant_epsilons),
+            "",
+            "## Accountants at the same seeds (DPQuant, ratio 0.5)",
+            "",
+            *accountant_table(section["accountants"], args.accountant_epsilons),
         ]
     report += [
-        "", "## Noise multiplier calibrated by each accountant (the default run config: delta"
+        "",
+        "## Noise multiplier calibrated by each accountant (the default run config: delta"
         " 1e-5, 5 rounds, 5,000 examples, batch 256, DPQuant's estimator queries included)",
-        "", *calibrated_noise(args.noise_epsilons),
+        "",
+        *calibrated_noise(args.noise_epsilons),
     ]
     for model in dict.fromkeys(["cnn", *(m for m, _ in _findings(args))]):
-        report += ["", *dp_sgd_throughput(
-            model_name=model, batch_size=args.batch_size, steps=args.throughput_steps,
-        )]
+        report += [
+            "",
+            *dp_sgd_throughput(
+                model_name=model,
+                batch_size=args.batch_size,
+                steps=args.throughput_steps,
+            ),
+        ]
     wall = [r[CELL_SECONDS] for r in results if CELL_SECONDS in r]
     cpu = [r[CELL_CPU_SECONDS] for r in results if CELL_CPU_SECONDS in r]
     report += [
-        "", f"Wall time of this invocation: {(time.perf_counter() - started) / 60:.1f} min."
+        "",
+        f"Wall time of this invocation: {(time.perf_counter() - started) / 60:.1f} min."
         f" Runs: {len(wall)} timed, {sum(wall) / 60:.1f} process-minutes of wall time"
         f" ({sum(wall) / 60 / args.jobs:.1f} min on {args.jobs} processes); {len(cpu)} with"
         f" CPU time, {sum(cpu) / 60:.1f} CPU-minutes.",

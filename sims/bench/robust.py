@@ -46,7 +46,9 @@ AGGREGATORS: dict[str, dict[str, Any]] = {
     "median": {"aggregator": "median", "byzantine-clients": 3},
     "trimmed-mean (b=3)": {"aggregator": "trimmed-mean", "byzantine-clients": 3},
     "error-weighted, undefended": {
-        "aggregator": "error-weighted", "update-norm-factor": 10.0, "weight-cap": 0.0,
+        "aggregator": "error-weighted",
+        "update-norm-factor": 10.0,
+        "weight-cap": 0.0,
     },
     "fedavg, undefended": {"aggregator": "fedavg", "update-norm-factor": 10.0, "weight-cap": 0.0},
 }
@@ -70,7 +72,21 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         return _cell_result(cell, data["summary"], data["rounds"])
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.ERROR)
-    cfg = RunConfig.from_flower({"num-supernodes": CLIENTS, "num-server-rounds": cell["rounds"], "local-steps": cell["local_steps"], "batch-size": 64, "dp": False, "quant-policy": QuantPolicy.NONE, "bits": 4, "seed": cell["seed"], "eval-every": cell["rounds"], "out-dir": cell["out"], **AGGREGATORS[cell["aggregator"]]})
+    cfg = RunConfig.from_flower(
+        {
+            "num-supernodes": CLIENTS,
+            "num-server-rounds": cell["rounds"],
+            "local-steps": cell["local_steps"],
+            "batch-size": 64,
+            "dp": False,
+            "quant-policy": QuantPolicy.NONE,
+            "bits": 4,
+            "seed": cell["seed"],
+            "eval-every": cell["rounds"],
+            "out-dir": cell["out"],
+            **AGGREGATORS[cell["aggregator"]],
+        }
+    )
     nodes, name = ATTACK_SETUPS[cell["attack"]]
 
     def build(name: str) -> Attack:
@@ -121,6 +137,7 @@ def table(results: Sequence[dict[str, Any]], seeds: Sequence[int]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run (or reuse) every attack x aggregator cell and print the table."""
     parser = argparse.ArgumentParser("python -m sims.bench.robust", description=__doc__)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -130,13 +147,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cells = [
         {
-            "attack": attack, "aggregator": aggregator, "seed": seed, "rounds": args.rounds,
+            "attack": attack,
+            "aggregator": aggregator,
+            "seed": seed,
+            "rounds": args.rounds,
             "local_steps": args.local_steps,
             "out": str(Path(args.out) / "runs" / f"{i:02d}-s{seed}"),
         }
-        for i, (attack, aggregator) in enumerate(
-            (a, g) for a in ATTACK_SETUPS for g in AGGREGATORS
-        )
+        for i, (attack, aggregator) in enumerate((a, g) for a in ATTACK_SETUPS for g in AGGREGATORS)
         for seed in args.seeds
     ]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
