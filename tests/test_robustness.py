@@ -147,6 +147,7 @@ def test_three_colluding_sign_flippers_against_robust_rules(
     assert final(results) >= long_control - 2.0
 
 
+@pytest.mark.slow  # unit level: test_strategy (discard), test_strategy_fuzz (metrics)
 def test_a_poisoned_round_is_discarded_and_honest_replies_stay_accepted(
     tmp_path: Path, honest: list[float]
 ) -> None:
@@ -167,6 +168,7 @@ def test_a_poisoned_round_is_discarded_and_honest_replies_stay_accepted(
     assert final(results) >= honest[ROUNDS - 2] - 1.0
 
 
+@pytest.mark.slow  # unit level: test_strategy (discard), test_strategy_fuzz (metrics)
 def test_hostile_metrics_are_rejected_and_results_stay_strict_json(
     tmp_path: Path, control: float
 ) -> None:
