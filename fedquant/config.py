@@ -11,6 +11,7 @@ Flower hands both apps a flat mapping of kebab-case keys (``context.run_config``
 ``dp``     sample-level DP-SGD: (ε, δ), clipping, accountant, noise secrecy
 ``dpquant`` which layers train in low precision (DPQuant, paper A)
 ``robust`` aggregation rule and the bounds on hostile replies
+``ptq``    post-training quantization of the final model (MRECG, paper C)
 ========== ==================================================================
 
 Each field names its run-config key; the field defaults here are the only defaults
@@ -184,6 +185,48 @@ class ActScale(enum.Enum):
 
     PER_SAMPLE = "per-sample"
     FIXED = "fixed"
+
+
+class PTQMethod(enum.Enum):
+    """Post-training quantization of the final global model (PAPERS.md, section C).
+
+    NONE: no PTQ.
+    RTN: round-to-nearest with MSE-chosen scales; needs no data.
+    ADAROUND: learned rounding, layer by layer (Nagel et al., ICML 2020).
+    BRECQ: learned rounding and activation steps, block by block (Li et al., ICLR 2021).
+    MRECG: BRECQ with adjacent units merged where capacity drops most (Ma et al.,
+        CVPR 2023, arXiv 2303.11906).
+    """
+
+    NONE = "none"
+    RTN = "rtn"
+    ADAROUND = "adaround"
+    BRECQ = "brecq"
+    MRECG = "mrecg"
+
+
+class Calibration(enum.Enum):
+    """Where PTQ's calibration images come from.
+
+    VALIDATION: the first ``ptq-calibration-size`` images of the embedded MNIST's
+        validation split, which training never uses (the server holds a small public
+        set).
+    NONE: no data at all (the usual FL server): only methods that need none.
+    """
+
+    VALIDATION = "validation"
+    NONE = "none"
+
+
+class Capacity(enum.Enum):
+    """How MRECG measures a reconstruction unit's capacity (``fedquant.ptq``).
+
+    DATA_FREE: from the unit's parameter counts, bit widths and strides.
+    DATA_DEPENDENT: from the unit's reconstruction loss on the calibration set.
+    """
+
+    DATA_FREE = "data-free"
+    DATA_DEPENDENT = "data-dependent"
 
 
 # Sections -----------------------------------------------------------------------------
@@ -439,6 +482,61 @@ class RobustSettings:
             raise ConfigError("byzantine-clients", self.byzantine_clients, "must be >= 0")
 
 
+@dataclass(frozen=True)
+class PTQSettings:
+    """Post-training quantization of the global model after the last round.
+
+    Weights per output channel at ``weight_bits``, activations per tensor at
+    ``act_bits`` (32: float); the first and last layers (and their inputs) at 8 bits.
+    Without calibration data (``calibration`` NONE) only RTN of the weights is possible.
+    ``iterations``: Adam steps per reconstruction unit (AdaRound, BRECQ, MRECG); ``top_k``:
+    adjacent pairs merged by MRECG; ``qdrop`` the probability that an input element of a unit is
+    kept quantized during reconstruction (QDrop, Wei et al. ICLR 2022; 1: off).
+    """
+
+    method: PTQMethod = _setting("ptq", PTQMethod.NONE)
+    weight_bits: int = _setting("ptq-weight-bits", 4)
+    act_bits: int = _setting("ptq-act-bits", 8)
+    calibration: Calibration = _setting("ptq-calibration", Calibration.VALIDATION)
+    calibration_size: int = _setting("ptq-calibration-size", 512)
+    iterations: int = _setting("ptq-iterations", 500)
+    top_k: int = _setting("ptq-top-k", 2)
+    capacity: Capacity = _setting("ptq-capacity", Capacity.DATA_FREE)
+    qdrop: float = _setting("ptq-qdrop", 1.0)
+    seed: int = _setting("ptq-seed", 0)
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.weight_bits <= MAX_CODE_BITS:
+            raise ConfigError("ptq-weight-bits", self.weight_bits, f"must be 2..{MAX_CODE_BITS}")
+        if not (2 <= self.act_bits <= MAX_CODE_BITS or self.act_bits == UNQUANTIZED_BITS):
+            raise ConfigError(
+                "ptq-act-bits", self.act_bits, f"must be 2..{MAX_CODE_BITS}, or 32 (float)"
+            )
+        _positive_int(self, "calibration_size", "iterations")
+        if self.top_k < 0:
+            raise ConfigError("ptq-top-k", self.top_k, "must be >= 0 (0: BRECQ's grouping)")
+        _in_unit(self, "qdrop", closed_below=False)
+        if self.calibration is Calibration.NONE and self.needs_data:
+            raise ConfigError(
+                "ptq",
+                self.method.value,
+                "reconstructs from calibration data, but ptq-calibration = 'none'; give"
+                " ptq-calibration = 'validation', or use ptq = 'rtn' (the no-data path)",
+            )
+        if self.calibration is Calibration.NONE and self.act_bits != UNQUANTIZED_BITS:
+            raise ConfigError(
+                "ptq-act-bits",
+                self.act_bits,
+                "activation ranges need calibration data, but ptq-calibration = 'none';"
+                " set ptq-act-bits = 32 (weights only) or ptq-calibration = 'validation'",
+            )
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the method reads calibration images (all but RTN and NONE)."""
+        return self.method not in (PTQMethod.NONE, PTQMethod.RTN)
+
+
 _SECTIONS: dict[str, type] = {
     "run": RunSettings,
     "train": TrainSettings,
@@ -446,6 +544,7 @@ _SECTIONS: dict[str, type] = {
     "dp": DPSettings,
     "dpquant": DPQuantSettings,
     "robust": RobustSettings,
+    "ptq": PTQSettings,
 }
 
 
@@ -464,6 +563,7 @@ class RunConfig:
     dp: DPSettings = field(default_factory=DPSettings)
     dpquant: DPQuantSettings = field(default_factory=DPQuantSettings)
     robust: RobustSettings = field(default_factory=RobustSettings)
+    ptq: PTQSettings = field(default_factory=PTQSettings)
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
