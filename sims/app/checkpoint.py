@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fedquant.config import ConfigError
+from fedquant.config import ConfigError, RunConfig
 from fedquant.files import write_atomically
 
 CHECKPOINT_FILE = "checkpoint.npz"
@@ -31,6 +31,8 @@ FORMAT_VERSION = 2  # 2: the strategy state holds the stock base as a whole (str
 # Keys that do not change the experiment: a longer run, other timeouts, fewer evals.
 MAY_CHANGE_ON_RESUME = frozenset(
     {"resume", "num-server-rounds", "round-timeout", "eval-every", "out-dir"}
+    # Post-training quantization runs after training and does not change it.
+    | {key for key in RunConfig().to_flower() if key.startswith("ptq")}
 )
 
 

@@ -1,14 +1,18 @@
-"""Per-round results of a run: progress lines, JSON, CSV and a PNG plot."""
+"""Results of a run: per-round rows, the PTQ section, as JSON, CSV and PNG plots."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from fedquant.config import Calibration, PTQSettings
 from fedquant.files import write_text_atomically
+
+if TYPE_CHECKING:
+    from fedquant.ptq import PTQResult
 
 # Columns of rounds.csv, in order; also the keys of each round in results.json.
 COLUMNS = (
@@ -67,6 +71,8 @@ class RunReport:
         self.initial: dict[str, float] = {}
         # What the run gives up (e.g. seeded DP noise), repeated in results.json.
         self.warnings: list[str] = []
+        # Post-training quantization of the final model (ptq_section / ptq_failure).
+        self.ptq: dict[str, Any] | None = None
 
     def add_round(self, row: Mapping[str, Any]) -> dict[str, Any]:
         """Record one round's row (every column of ``COLUMNS``) and return it."""
@@ -114,6 +120,8 @@ class RunReport:
             "rounds": self.rows,
             "summary": self.summary(),
         }
+        if self.ptq is not None:
+            payload["ptq"] = self.ptq
         write_text_atomically(self.out_dir / "results.json", strict_json(payload))
         lines = [",".join(COLUMNS)]
         for row in self.rows:
@@ -170,6 +178,178 @@ class RunReport:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
+
+
+# Post-training quantization ------------------------------------------------------------
+
+
+def ptq_section(
+    settings: PTQSettings,
+    result: PTQResult,
+    *,
+    accuracy_fp: float,
+    accuracy_quantized: float,
+    file: str,
+    file_bytes: int,
+) -> dict[str, Any]:
+    """The ``ptq`` section of results.json: settings, test accuracies, sizes, per unit.
+
+    ``drop`` = accuracy_fp - accuracy_quantized; ``compression`` = fp-bytes / packed-bytes
+    (float32 parameters against the packed codes, scales included); ``file`` is the packed
+    model (``fedquant.ptq.save_quantized``, ``file-bytes`` on disk). The per-unit lists
+    follow the reconstruction units in depth order; ``groups`` lists the unit indices
+    reconstructed jointly (one entry per unit unless MRECG merged them).
+    """
+    return {
+        **_ptq_settings(settings),
+        "error": None,
+        "accuracy-fp": accuracy_fp,
+        "accuracy-quantized": accuracy_quantized,
+        "drop": accuracy_fp - accuracy_quantized,
+        "fp-bytes": result.fp_bytes,
+        "packed-bytes": result.packed_bytes,
+        "compression": result.fp_bytes / result.packed_bytes if result.packed_bytes else None,
+        "file": file,
+        "file-bytes": file_bytes,
+        "seconds": result.seconds,
+        "unit-names": list(result.unit_names),
+        "unit-losses": [float(v) for v in result.unit_losses],
+        "groups": [[int(i) for i in g] for g in result.groups],
+        "capacities": [float(v) for v in result.capacities],
+    }
+
+
+def ptq_failure(settings: PTQSettings, error: BaseException) -> dict[str, Any]:
+    """The ``ptq`` section of a run whose quantization failed: the settings and the error."""
+    return {**_ptq_settings(settings), "error": f"{type(error).__name__}: {error}"}
+
+
+def _ptq_settings(settings: PTQSettings) -> dict[str, Any]:
+    calibrated = settings.calibration is Calibration.VALIDATION
+    return {
+        "method": settings.method.value,
+        "weight-bits": settings.weight_bits,
+        "act-bits": settings.act_bits,
+        "calibration": settings.calibration.value,
+        "calibration-size": settings.calibration_size if calibrated else 0,
+    }
+
+
+def ptq_summary(section: Mapping[str, Any]) -> str:
+    """One line for a ``ptq`` section (the ServerApp's summary, the CLI's output)."""
+    what = f"ptq {section['method']} W{section['weight-bits']}A{section['act-bits']}"
+    if section["error"] is not None:
+        return f"{what}: FAILED ({section['error']}); the training results are kept"
+    data = (
+        f"{section['calibration-size']} validation images"
+        if section["calibration"] == Calibration.VALIDATION.value
+        else "no data"
+    )
+    merged = sum(1 for g in section["groups"] if len(g) > 1)
+    return (
+        f"{what} ({data}): test accuracy {section['accuracy-fp']:.4f} float ->"
+        f" {section['accuracy-quantized']:.4f} quantized (drop {section['drop']:+.4f})"
+        f" | {section['fp-bytes']:,} B float32 -> {section['packed-bytes']:,} B packed"
+        f" (x{section['compression'] or 0.0:.2f}) | {len(section['unit-names'])} units in"
+        f" {len(section['groups'])} groups ({merged} merged) | {section['seconds']:.1f} s"
+        f" | model {section['file']}"
+    )
+
+
+def plot_ptq_units(path: str | Path, sections: Sequence[Mapping[str, Any]]) -> Path:
+    """Per-unit reconstruction loss across depth (log scale), one curve per method.
+
+    Units reconstructed jointly (a group of more than one unit) are shaded in their
+    method's colour; a second panel shows the capacities MRECG compared, when there
+    are any. Failed sections are left out. This is the view in which Ma et al. (CVPR
+    2023, Fig. 1) show BRECQ's loss oscillating with depth.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [s for s in sections if s["error"] is None]
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = [palette[k % len(palette)] for k in range(len(done))]
+    capacity = [k for k, s in enumerate(done) if len(s["capacities"]) == len(s["unit-names"]) > 0]
+    fig, axes = plt.subplots(1, 2 if capacity else 1, figsize=(13, 4.5) if capacity else (8, 4.5))
+    axes = list(axes) if capacity else [axes]
+    ax_loss = axes[0]
+    any_loss = False
+    for section, color in zip(done, colors, strict=True):
+        losses = [_positive_or_nan(v) for v in section["unit-losses"]]
+        any_loss = any_loss or any(math.isfinite(v) for v in losses)
+        ax_loss.plot(
+            range(len(losses)),
+            losses,
+            marker="o",
+            color=color,
+            label=f"{section['method']} (test accuracy {section['accuracy-quantized']:.4f})",
+        )
+        merged = [g for g in section["groups"] if len(g) > 1]
+        for j, group in enumerate(merged):
+            ax_loss.axvspan(
+                min(group) - 0.4,
+                max(group) + 0.4,
+                color=color,
+                alpha=0.15,
+                label=f"{section['method']}: units reconstructed jointly" if j == 0 else None,
+            )
+    if any_loss:
+        ax_loss.set_yscale("log")
+    else:
+        ax_loss.text(
+            0.5,
+            0.5,
+            "no per-unit losses (no calibration data)",
+            ha="center",
+            transform=ax_loss.transAxes,
+        )
+    ax_loss.set(
+        xlabel="reconstruction unit (depth)",
+        ylabel="reconstruction loss (MSE)",
+        title="Per-unit reconstruction loss",
+    )
+    if capacity:
+        for k in capacity:
+            values = done[k]["capacities"]
+            axes[1].plot(
+                range(len(values)), values, marker="s", color=colors[k], label=done[k]["method"]
+            )
+        axes[1].set(xlabel="reconstruction unit (depth)", ylabel="capacity", title="Capacity")
+    names = list(done[0]["unit-names"]) if done else []
+    same_units = all(s["unit-names"] == names for s in done)
+    for ax in axes:
+        if same_units:
+            ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        else:  # AdaRound's units are layers, the others' blocks: indices only
+            ax.set_xlabel("reconstruction unit index (depth; methods' units differ)")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if done:
+        first = done[0]
+        data = (
+            f"{first['calibration-size']} calibration images"
+            if first["calibration"] == Calibration.VALIDATION.value
+            else "no calibration data"
+        )
+        fig.suptitle(
+            f"Post-training quantization W{first['weight-bits']}A{first['act-bits']}, {data}"
+        )
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _positive_or_nan(value: Any) -> float:
+    """A loss for a log axis: NaN (a gap in the curve) unless finite and positive."""
+    v = float("nan") if value is None else float(value)
+    return v if math.isfinite(v) and v > 0.0 else float("nan")
 
 
 def _csv_cell(value: Any) -> str:

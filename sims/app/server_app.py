@@ -4,7 +4,10 @@ Validates the run config before any client is contacted, then runs the quantized
 strategy for ``num-server-rounds`` rounds with central evaluation on the held-out
 MNIST test split, printing one progress line per round and writing ``results.json``,
 ``rounds.csv``, ``rounds.png`` and a checkpoint (``sims.app.checkpoint``) to ``out-dir``
-after every round; ``resume=true`` continues from the last complete round.
+after every round; ``resume=true`` continues from the last complete round. With ``ptq``
+set, the final model is then quantized (``sims.ptq``): a ``ptq`` section in
+results.json, the packed model and a per-unit loss plot; a failure there is logged and
+recorded in that section, and the training results stay.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-from logging import INFO, WARNING
+import traceback
+from logging import ERROR, INFO, WARNING
 from typing import cast
 
 import torch
@@ -20,13 +24,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from fedquant.config import RunConfig
-from fedquant.data import load_mnist
+from fedquant.config import PTQMethod, RunConfig
+from fedquant.data import Split, load_mnist
 from fedquant.models import build_model, evaluate
 from fedquant.seeds import node_seed
 from fedquant.training import validate_privacy_plan
 from sims.app.checkpoint import Checkpoint, check_same_experiment, load_checkpoint, save_checkpoint
-from sims.app.report import RunReport
+from sims.app.report import RunReport, plot_ptq_units, ptq_failure, ptq_summary
 from strategies import round_report as metric
 from strategies.quantized import QuantizedStrategy, strategy_from_config
 
@@ -103,12 +107,14 @@ def run(grid: Grid, cfg: RunConfig, strategy: QuantizedStrategy) -> RunReport:
         )
 
     plot = report.plot()
+    if cfg.ptq.method is not PTQMethod.NONE:
+        post_training_quantization(cfg, arrays, report, test=test)
     s = report.summary()
     _progress(
         "summary: final accuracy %.4f | max epsilon %.3f | mean speedup x%.2f | total downlink"
         " %s B | total uplink %s B"
         " vs float32 %s B | compression x%.2f (%.4f of float32) | rejected %d, failed %d,"
-        " missing %d, skipped rounds %d, discarded rounds %d | results in %s (plot %s)",
+        " missing %d, skipped rounds %d, discarded rounds %d%s | results in %s (plot %s)",
         s["final-accuracy"] or 0.0,
         s["max-epsilon"],
         s["mean-speedup"] or 1.0,
@@ -122,10 +128,52 @@ def run(grid: Grid, cfg: RunConfig, strategy: QuantizedStrategy) -> RunReport:
         s["missing-replies"],
         s["skipped-rounds"],
         s["discarded-rounds"],
+        "" if report.ptq is None else " | " + ptq_summary(report.ptq),
         report.out_dir,
         plot.name,
     )
     return report
+
+
+def post_training_quantization(
+    cfg: RunConfig, arrays: ArrayRecord, report: RunReport, *, test: Split
+) -> None:
+    """Quantize the final global model (``cfg.ptq``) into ``report.ptq``, and write it.
+
+    The packed model and the per-unit loss plot go next to results.json. Any failure
+    is logged with its traceback and recorded as the section's ``error``: the rounds'
+    results, already written, are never lost to it.
+    """
+    _progress(
+        "post-training quantization of the final model: ptq %s, W%dA%d, calibration %s",
+        cfg.ptq.method.value,
+        cfg.ptq.weight_bits,
+        cfg.ptq.act_bits,
+        cfg.ptq.calibration.value,
+    )
+    try:
+        from sims import ptq  # only runs that ask for PTQ load it
+
+        section = ptq.quantize_final_model(
+            cfg.train.model,
+            arrays.to_torch_state_dict(),
+            cfg.ptq,
+            test=test,
+            packed_path=report.out_dir / ptq.MODEL_FILE,
+        )
+        section["plot"] = plot_ptq_units(report.out_dir / ptq.PLOT_FILE, [section]).name
+    except Exception as err:  # PTQ runs after training: it must not lose the training
+        log(
+            ERROR,
+            "[fedquant] post-training quantization (ptq = %r) failed; the training results"
+            " in %s are kept:\n%s",
+            cfg.ptq.method.value,
+            report.out_dir,
+            traceback.format_exc(),
+        )
+        section = ptq_failure(cfg.ptq, err)
+    report.ptq = section
+    report.write()
 
 
 def wait_for_nodes(grid: Grid, wanted: int, *, timeout: float) -> int:
