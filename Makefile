@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedquant-installed
 
-.PHONY: install demo lint test test-slow bench bench-private bench-overhead clean
+.PHONY: install demo lint test test-slow bench bench-private bench-overhead bench-ptq clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench-private: install
 
 bench-overhead: install
 	$(PY) -m sims.bench.overhead
+
+# PTQ (RTN, AdaRound, BRECQ, MRECG) of trained CNN/ResNet; ~45 min on 2 cores, QUICK=1 ~3 min.
+bench-ptq: install
+	$(PY) -m sims.bench.ptq $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .hypothesis
