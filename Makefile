@@ -44,7 +44,7 @@ bench-private: install
 bench-overhead: install
 	$(PY) -m sims.bench.overhead
 
-# PTQ (RTN, AdaRound, BRECQ, MRECG) of trained CNN/ResNet; ~45 min on 2 cores, QUICK=1 ~3 min.
+# PTQ (RTN, AdaRound, BRECQ, MRECG) of trained CNN/ResNet; ~51 min on 2 cores, QUICK=1 ~3 min.
 bench-ptq: install
 	$(PY) -m sims.bench.ptq $(if $(QUICK),--quick)
 

@@ -1,6 +1,6 @@
 """Benchmark: post-training quantization of the project's trained models (paper C, MRECG).
 
-    python -m sims.bench.ptq              # the default sweep (~45 min on 2 cores, see below)
+    python -m sims.bench.ptq              # the default sweep (~51 min on 2 cores, see below)
     python -m sims.bench.ptq --quick      # a smoke run of every path (~3 min)
     python -m sims.bench.ptq --collect    # re-tabulate the finished cells, run nothing
 
@@ -39,9 +39,10 @@ and both MRECG variants (Ma et al. 2023, Fig. 1: the oscillation view), and the
 accuracy of every method at every bit setting.
 
 Default sweep cost (measured on this 2-core machine, one thread per process): training
-~15 CPU-min; a ResNet cell ~45 CPU-s (of which ~20 evaluating 10,000 test images), a
-CNN cell ~12; 156 quantization cells ~70 CPU-min; ~45 min on 2 processes. The report
-prints the estimate from the recorded cell times.
+~36 CPU-min, 25 of them the DP ResNet; a ResNet cell ~45 CPU-s (12-18 of them evaluating
+10,000 test images), a CNN cell ~10; 156 quantization cells ~66 CPU-min; ~51 min on 2
+processes, each model's cells queued as soon as it is trained. The report prints the
+estimate from the recorded times.
 """
 
 from __future__ import annotations
@@ -98,13 +99,15 @@ TRAIN_PLANS: dict[tuple[str, str], tuple[int, int, int]] = {
 }
 """(model, privacy) -> (rounds, local steps, batch size) of its federated training.
 
-The CNN without DP: the README's 10 x 20 of 256 (98.2%). With DP the CNN gets 5 rounds
-(DP-SGD costs ~0.3 CPU-s a step of 256; 10 rounds, 95.8% in the README, would cost 10
-CPU-min of the hour). The ResNet is limited by its sequential steps, not its batch
-(central SGD at lr 0.05, batch 128: 51% after 100 steps, 89% after 200; 10 clients x
-5 rounds x 20 steps of 128 reached 70%), and costs ~0.17 (SGD) and ~0.35 (DP-SGD)
-CPU-s a step of 128 on one thread: without DP it takes 500 small steps per client,
-with DP (which wants larger batches) 150 of 128.
+Measured here (10 IID clients, 4-bit uploads, one thread): the CNN without DP is the
+README's 10 x 20 of 256 (98.2%); with DP it gets 5 rounds (DP-SGD costs ~0.3 CPU-s a
+step of 256, so the README's 10 rounds, 95.8%, would take 10 CPU-min of the hour; at
+ε = 2 its 5 rounds gave 92.2%). The ResNet is limited by its sequential steps (central
+SGD at lr 0.05, batch 128: 51% after 100 steps, 89% after 200): 5 rounds x 20 steps of
+128 reached 70.0% without DP; 5 x 100 steps of 32 reach 95.8% (3.0 CPU-min). With DP
+the noise on the mean gradient is ~σ/B with σ ≈ 0.5-0.8 whatever the plan, so the batch
+must stay large: 5 x 30 of 128 reached 54.7% (8.5 CPU-min), 10 x 20 of 256 88.6%
+(24.6 CPU-min, the longest run of the sweep; its cells start as soon as it ends).
 """
 QUICK_TRAIN_PLAN = (2, 5, 64)
 
@@ -1088,8 +1091,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cpu = sum(r[CELL_CPU_SECONDS] for r in results) + sum(
         r.get(CELL_CPU_SECONDS, 0) for r in trained
     )
-    default = parse_args(["--out", args.out, "--jobs", str(args.jobs)])
+    default = parse_args(["--jobs", str(args.jobs)])
     default_runs = train_runs(default)
+    sources = list(dict.fromkeys([args.out, default.out]))  # --quick: also the real sweep's
     report += [
         "",
         "## Cost",
@@ -1102,11 +1106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             estimate_budget(
                 default_runs,
                 ptq_cells(default, default_runs),
-                train=recorded_training(args.out),
-                results=recorded_cells(args.out),
+                train=[r for out in sources for r in recorded_training(out)],
+                results=[r for out in sources for r in recorded_cells(out)],
                 jobs=args.jobs,
             ),
-            label="The default sweep, estimated from the cell times recorded under --out",
+            label="The default sweep, estimated from the times recorded under"
+            f" {' and '.join(sources)}",
         ),
     ]
     if failures:
