@@ -150,6 +150,11 @@ def train(msg: Message, context: Context) -> Message:
     result = local_train(msg, context)
     if result.exhausted_epsilon is not None:
         return _budget_exhausted(msg, result.server_round, result.exhausted_epsilon)
+    return quantized_reply(msg, result)
+
+
+def quantized_reply(msg: Message, result: LocalRound) -> Message:
+    """The reply to a round within budget: Δ (or the local weights) as packed codes."""
     cfg, global_state, local_state = result.cfg, result.global_state, result.local_state
     if cfg.codec.payload is PayloadMode.UPDATE:
         tensors = {k: local_state[k] - global_state[k] for k in global_state}

@@ -1,7 +1,7 @@
 """``sims.bench.overhead`` times the real client code without patching it.
 
 Its fedquant ClientApp runs ``clients.client_app.local_train`` (passed in explicitly and
-timed there) and then :func:`~sims.bench.overhead.quantized_reply`; the benchmark only
+timed there) and then ``clients.client_app.quantized_reply``; the benchmark only
 measures fedquant's client if that reply is the one ``clients.client_app.app`` sends.
 """
 
@@ -12,10 +12,11 @@ import dataclasses
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 import clients.client_app as fq_client
+from clients.client_app import quantized_reply
 from fedquant.config import RunConfig
 from fedquant.models import build_model
 from fedquant.reply import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
-from sims.bench.overhead import RoundClock, float32_reply, quantized_reply, timed_app
+from sims.bench.overhead import RoundClock, float32_reply, timed_app
 
 OVERRIDES = {
     "num-supernodes": 2,

@@ -7,9 +7,8 @@ Two federations run in this one process, round for round, alternating which goes
 so that machine noise falls on both alike:
 
 - fedquant: a ClientApp that replies as ``clients.client_app.app`` does (4-bit codes of
-  Δ via ``fedquant.reply.encode_reply``: :func:`quantized_reply`, which a test checks against the
-  app's own reply), and the ``QuantizedStrategy`` of ``strategy_from_config``
-  (error-weighted rule);
+  Δ: ``clients.client_app.quantized_reply``, the app's own reply step), and the
+  ``QuantizedStrategy`` of ``strategy_from_config`` (error-weighted rule);
 - stock: a ClientApp that replies as Flower's stock apps do, with the float32 local
   weights (``RecordDict({"arrays": ArrayRecord(state_dict), "metrics":
   MetricRecord({"num-examples": ...})})``: :func:`float32_reply`), aggregated by
@@ -78,10 +77,10 @@ from flwr.supercore.inflatable.inflatable_utils import (
     validate_object_content,
 )
 
-from clients.client_app import LocalRound, local_train
-from fedquant.config import PayloadMode, RunConfig
+from clients.client_app import LocalRound, local_train, quantized_reply
+from fedquant.config import RunConfig
 from fedquant.models import build_model
-from fedquant.reply import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, encode_reply
+from fedquant.reply import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
 from fedquant.seeds import node_seed
 from sims.bench.sweep import write_report
 from sims.launch.inprocess import InProcessGrid
@@ -148,32 +147,6 @@ LocalTrain = Callable[[Message, Context], LocalRound]
 """One round of local training on a node (``clients.client_app.local_train``)."""
 Reply = Callable[[Message, LocalRound], Message]
 """A ClientApp's reply to a training message, built from its finished local round."""
-
-
-def quantized_reply(msg: Message, result: LocalRound) -> Message:
-    """Fedquant's reply: Δ (or the local weights) as packed codes, plus the metrics.
-
-    What ``clients.client_app.train`` sends after its ``local_train`` (for a round
-    within the privacy budget); ``tests/test_bench_overhead.py`` checks that both
-    replies are the same object.
-    """
-    cfg, global_state, local_state = result.cfg, result.global_state, result.local_state
-    if cfg.codec.payload is PayloadMode.UPDATE:
-        tensors = {k: local_state[k] - global_state[k] for k in global_state}
-    else:
-        tensors = dict(local_state)
-    rounding_rng = torch.Generator().manual_seed(
-        node_seed(cfg.run.seed, result.server_round, result.partition_id)
-    )
-    content = encode_reply(
-        tensors,
-        result.metrics,
-        bits=cfg.codec.bits,
-        clip=cfg.codec.clip,
-        rounding=cfg.codec.rounding,
-        generator=rounding_rng,
-    )
-    return Message(content=content, reply_to=msg)
 
 
 def float32_reply(msg: Message, result: LocalRound) -> Message:

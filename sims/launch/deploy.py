@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import json
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +49,15 @@ from fedquant.config import ConfigError, RunConfig
 from sims.launch import flwr_cli
 from sims.launch.certs import AuthKeys, TlsFiles, write_supernode_keys, write_tls_files
 from sims.launch.flwr_cli import COMPLETED, FlwrCli
-from sims.launch.procs import Launched, ProcessSet, flower_env, free_port, wait_for_port
+from sims.launch.procs import (
+    LAUNCH_ERRORS,
+    Launched,
+    ProcessSet,
+    flower_env,
+    free_port,
+    report_launch_error,
+    wait_for_port,
+)
 from sims.launch.run import resolve_run_config
 
 CONNECTION = "fedquant-deploy"
@@ -480,12 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             workdir=args.workdir,
             timeout_s=args.timeout,
         )
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except LAUNCH_ERRORS as err:
+        return report_launch_error(err)
     except KeyboardInterrupt:
         print("interrupted; stopped every process started", file=sys.stderr)
         return 130

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedquant.config import ConfigError
+
 STARTUP_TIMEOUT_S = 60.0
 _PROC = Path("/proc")
 
@@ -236,3 +238,13 @@ class ProcessSet:
     def alive(self) -> list[int]:
         """PIDs of started processes (and noted descendants) that still run."""
         return sorted(pid for pid in self.seen if is_alive(pid))
+
+
+LAUNCH_ERRORS = (ConfigError, RuntimeError, TimeoutError, OSError, subprocess.SubprocessError)
+"""What a launcher reports as a failed launch, not a crash."""
+
+
+def report_launch_error(err: BaseException) -> int:
+    """Print ``err`` for the user; the exit status: 2 for a bad config, else 1."""
+    print(f"error: {err}", file=sys.stderr)
+    return 2 if isinstance(err, ConfigError) else 1

@@ -44,7 +44,14 @@ from flwr.common.config import parse_config_args
 from fedquant.config import ConfigError, RunConfig
 from sims.launch import flwr_cli
 from sims.launch.flwr_cli import APP_DIR, COMPLETED, FlwrCli
-from sims.launch.procs import flower_env, free_port, stop_process_group, wait_for_port
+from sims.launch.procs import (
+    LAUNCH_ERRORS,
+    flower_env,
+    free_port,
+    report_launch_error,
+    stop_process_group,
+    wait_for_port,
+)
 
 CONNECTION = "fedquant-sim"
 
@@ -334,12 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             client_gpus=args.client_gpus,
             workdir=args.workdir,
         )
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except LAUNCH_ERRORS as err:
+        return report_launch_error(err)
     results = Path(cfg.run.out_dir).resolve() / "results.json"
     summary = json.loads(results.read_text())["summary"]
     print(f"run {status.get('run-id')} {status.get('status')}; results in {results.parent}")
