@@ -26,20 +26,30 @@ values the server knows.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedquant.accounting import PrivacyLedger
 from fedquant.config import PayloadMode, RunConfig
 from fedquant.data import Split, load_partition
+from fedquant.downlink import BASE, DIGEST, VERSION, DownlinkError, apply_deltas
 from fedquant.dpquant import LayerScheduler
 from fedquant.fakequant import QConv2d, QLinear, quantizable_layers
 from fedquant.models import build_model
-from fedquant.node_state import RECORDS, NodeState, NodeStateStore, PrivacyRecord
+from fedquant.node_state import (
+    PRIVACY_RECORD,
+    SCHEDULER_RECORD,
+    NodeState,
+    NodeStateStore,
+    NodeTensors,
+    PrivacyRecord,
+)
+from fedquant.payload import decode_update, needs_seed
 from fedquant.reply import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -65,6 +75,14 @@ from fedquant.training import (
 
 # Spawn key of the (opt-in, non-private) seeded DP noise stream; see privacy_generator.
 _SEEDED_NOISE_STREAM = 1
+# Spawn key of the public per-reply seed of the rotation and dither (fedquant.payload).
+_CODEC_SEED_STREAM = 2
+# Context.state records of the node's codec tensors (NodeTensors).
+_JSON_RECORDS = (PRIVACY_RECORD, SCHEDULER_RECORD)
+_RESIDUAL_RECORD = "fedquant.residual"
+_MODEL_RECORD = "fedquant.model"
+_MODEL_VERSION_RECORD = "fedquant.model-version"
+_ANY_CLIP = 1e38  # the node decodes its own reply: no cap on the clip it chose
 
 app = ClientApp()
 
@@ -120,11 +138,85 @@ def node_state(context: Context, store: NodeStateStore | None, *, private: bool)
     From ``Context.state`` while the process lives, else (after a start or restart) from
     its state file; fails closed (NodeStateError) on damage.
     """
-    if any(name in context.state for name in RECORDS):
-        records = {name: dict(context.state[name]) for name in RECORDS if name in context.state}
-        return NodeState.from_records(records, source="Context.state")
+    names = (*_JSON_RECORDS, _MODEL_VERSION_RECORD, _RESIDUAL_RECORD)
+    if any(name in context.state for name in names):
+        records = {
+            name: dict(context.state[name]) for name in _JSON_RECORDS if name in context.state
+        }
+        return NodeState.from_records(
+            records, source="Context.state", tensors=_tensors_from_context(context.state)
+        )
     loaded = store.load(require_privacy=private) if store is not None else None
     return loaded if loaded is not None else NodeState()
+
+
+def keep_node_state(context: Context, store: NodeStateStore | None, state: NodeState) -> None:
+    """Put ``state`` into ``Context.state`` and, with a store, on disk (atomically)."""
+    for name, record in state.to_records().items():
+        context.state[name] = ConfigRecord(record)
+    tensors = state.tensors
+    if tensors.residual:
+        context.state[_RESIDUAL_RECORD] = _array_record(tensors.residual)
+    if tensors.model_round is not None:
+        context.state[_MODEL_RECORD] = _array_record(tensors.model)
+        context.state[_MODEL_VERSION_RECORD] = ConfigRecord({"version": tensors.model_round})
+    if store is not None:
+        # Saved before the reply exists: a crash after this point over-counts, never under.
+        store.save(state)
+
+
+def _array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()})
+
+
+def _tensors_from_context(state: RecordDict) -> NodeTensors:
+    residual = {}
+    if _RESIDUAL_RECORD in state:
+        residual = {k: v.numpy() for k, v in state.array_records[_RESIDUAL_RECORD].items()}
+    if _MODEL_VERSION_RECORD not in state:
+        return NodeTensors(residual=residual)
+    version = state.config_records[_MODEL_VERSION_RECORD]["version"]
+    model = {k: v.numpy() for k, v in state.array_records[_MODEL_RECORD].items()}
+    assert isinstance(version, int)
+    return NodeTensors(residual=residual, model=model, model_round=version)
+
+
+def received_model(
+    msg: Message, cfg: RunConfig, copy: NodeTensors
+) -> tuple[dict[str, torch.Tensor], NodeTensors]:
+    """The global model an instruction carries, and the node's copy of it to keep.
+
+    A float32 model (``ARRAYS_KEY``) is used as it is; quantized deltas
+    (:mod:`fedquant.downlink`) are applied to the copy this node holds, which must be
+    at their base version (version 0, the run-seeded initial model, is rebuilt when
+    the node holds none) and must hash to the server's digest. A node without the
+    base it needs raises ``DownlinkError``: the server then sends it the float32 model.
+    """
+    config = msg.content.config_records[CONFIG_KEY]
+    if ARRAYS_KEY in msg.content:
+        state = msg.content.array_records[ARRAYS_KEY].to_torch_state_dict()
+        if VERSION not in config:
+            return state, copy
+        sent_version = config[VERSION]
+        assert isinstance(sent_version, int)
+        arrays = {k: v.numpy() for k, v in state.items()}
+        return state, replace(copy, model=arrays, model_round=sent_version)
+    base, version, digest = config.get(BASE), config.get(VERSION), config.get(DIGEST)
+    if not (isinstance(base, int) and isinstance(version, int) and isinstance(digest, str)):
+        raise DownlinkError(f"instruction without a model or {BASE}/{VERSION}/{DIGEST}")
+    model = copy.model
+    if copy.model_round != base:
+        if base != 0:
+            raise DownlinkError(
+                f"the server sent deltas from version {base}, this node holds {copy.model_round}"
+            )
+        seeded = build_model(cfg.train.model, seed=cfg.run.seed).state_dict()
+        model = {k: v.detach().numpy() for k, v in seeded.items()}
+    arrays = apply_deltas(
+        model, msg.content, base=base, version=version, digest=digest, rotation=cfg.codec.rotation
+    )
+    rebuilt = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
+    return rebuilt, replace(copy, model=arrays, model_round=version)
 
 
 @dataclass
@@ -132,7 +224,8 @@ class LocalRound:
     """One round of local training: the weights before and after, and its metrics.
 
     ``exhausted_epsilon`` is set (and nothing trained) when the round would have
-    exceeded the node's privacy budget.
+    exceeded the node's privacy budget. ``state`` is the node's state after the round
+    (already kept), ``context`` and ``store`` where it is kept.
     """
 
     cfg: RunConfig
@@ -141,6 +234,9 @@ class LocalRound:
     global_state: dict[str, torch.Tensor]
     local_state: dict[str, torch.Tensor]
     metrics: dict[str, int | float | list[int] | list[float]]
+    state: NodeState
+    context: Context
+    store: NodeStateStore | None
     exhausted_epsilon: float | None = None
 
 
@@ -154,29 +250,66 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def quantized_reply(msg: Message, result: LocalRound) -> Message:
-    """The reply to a round within budget: Δ (or the local weights) as packed codes."""
+    """The reply to a round within budget: Δ (or the local weights) as packed codes.
+
+    With error feedback the node sends ``Q(Δ + e)`` and keeps ``e <- Δ + e - deq(Q(Δ + e))``
+    (decoded exactly as the server will), saved with its state before the reply leaves.
+    """
     cfg, global_state, local_state = result.cfg, result.global_state, result.local_state
     if cfg.codec.payload is PayloadMode.UPDATE:
         tensors = {k: local_state[k] - global_state[k] for k in global_state}
     else:
         tensors = dict(local_state)
-    # Stochastic rounding of a DP output is post-processing: seeded, so runs reproduce.
+    residual = result.state.tensors.residual if cfg.codec.error_feedback else {}
+    if residual:
+        tensors = {k: v + torch.from_numpy(residual[k]) for k, v in tensors.items()}
+    # Stochastic rounding and the rotation/dither of a DP output are post-processing:
+    # seeded (and the seed public), so runs reproduce and the server can invert them.
     rounding_rng = torch.Generator().manual_seed(
         node_seed(cfg.run.seed, result.server_round, result.partition_id)
     )
+    codec = cfg.codec
+    seed = node_seed(cfg.run.seed, result.server_round, result.partition_id, _CODEC_SEED_STREAM)
     content = encode_reply(
         tensors,
         result.metrics,
-        bits=cfg.codec.bits,
-        clip=cfg.codec.clip,
-        rounding=cfg.codec.rounding,
+        bits=codec.bits,
+        clip=codec.clip,
+        rounding=codec.rounding,
         generator=rounding_rng,
+        rotation=codec.rotation,
+        unbiased_scale=codec.unbiased_scale,
+        entropy_coding=codec.entropy_coding,
+        seed=seed if needs_seed(rotation=codec.rotation, rounding=codec.rounding) else None,
     )
+    if codec.error_feedback:
+        sent = decode_update(
+            content, max_clip=_ANY_CLIP, rotation=codec.rotation, rounding=codec.rounding
+        )
+        new_residual = {
+            k: (v.detach().numpy().astype(np.float32) - sent[k].values).astype(np.float32)
+            for k, v in tensors.items()
+        }
+        state = replace(result.state, tensors=replace(result.state.tensors, residual=new_residual))
+        keep_node_state(result.context, result.store, state)
     return Message(content=content, reply_to=msg)
 
 
-def local_train(msg: Message, context: Context) -> LocalRound:
-    """Load the global weights, train on this node's partition, update its state."""
+@dataclass
+class Instruction:
+    """A training instruction as the node received it: the model decoded, its state loaded."""
+
+    cfg: RunConfig
+    server_round: int
+    partition_id: int
+    data: Split
+    store: NodeStateStore | None
+    state: NodeState
+    global_state: dict[str, torch.Tensor]
+
+
+def receive(msg: Message, context: Context) -> Instruction:
+    """Read the instruction: the round, this node's data and state, the global model."""
     torch.set_num_threads(1)  # one simulated client per core; faster than 2 here
     cfg = RunConfig.from_flower(context.run_config)
     server_round = msg.content.config_records[CONFIG_KEY][SERVER_ROUND]
@@ -184,10 +317,28 @@ def local_train(msg: Message, context: Context) -> LocalRound:
         raise ValueError(f"instruction {SERVER_ROUND!r} must be an integer, got {server_round!r}")
     partition_id, data = node_partition(context, cfg)
     store = node_state_store(context, cfg, partition_id)
-    private = cfg.dp.enabled
-    state = node_state(context, store, private=private)
+    state = node_state(context, store, private=cfg.dp.enabled)
+    global_state, tensors = received_model(msg, cfg, state.tensors)
+    if tensors is not state.tensors:
+        state = replace(state, tensors=tensors)
+    return Instruction(cfg, server_round, partition_id, data, store, state, global_state)
 
-    global_state = msg.content.array_records[ARRAYS_KEY].to_torch_state_dict()
+
+def local_train(msg: Message, context: Context) -> LocalRound:
+    """Load the global weights, train on this node's partition, update its state."""
+    return train_received(receive(msg, context), context)
+
+
+def train_received(received: Instruction, context: Context) -> LocalRound:
+    """Train on this node's partition from the received model; keep the node's state."""
+    cfg, server_round, partition_id = received.cfg, received.server_round, received.partition_id
+    data, store, state, global_state = (
+        received.data,
+        received.store,
+        received.state,
+        received.global_state,
+    )
+    private = cfg.dp.enabled
     model = build_model(cfg.train.model, seed=cfg.run.seed)
     model.load_state_dict(global_state)
     for layer in model.modules():
@@ -226,6 +377,7 @@ def local_train(msg: Message, context: Context) -> LocalRound:
         if ledger.epsilon_if(*this_round, delta=delta, accountant=accountant) > (
             cfg.dp.target_epsilon
         ):
+            keep_node_state(context, store, state)  # the model copy it received
             return LocalRound(
                 cfg,
                 server_round,
@@ -233,6 +385,9 @@ def local_train(msg: Message, context: Context) -> LocalRound:
                 global_state,
                 global_state,
                 {},
+                state,
+                context,
+                store,
                 exhausted_epsilon=ledger.epsilon(delta=delta, accountant=accountant),
             )
         privacy = PrivateTraining(noise, cfg.dp.max_grad_norm, ledger)
@@ -261,13 +416,19 @@ def local_train(msg: Message, context: Context) -> LocalRound:
             delta=cfg.dp.target_delta, accountant=cfg.dp.accountant
         )
         metrics[NOISE_MULTIPLIER] = privacy.noise_multiplier
-    new_state = NodeState(privacy=privacy_record, scheduler=scheduler)
-    for name, record in new_state.to_records().items():
-        context.state[name] = ConfigRecord(record)
-    if store is not None:
-        # Saved before the reply exists: a crash after this point over-counts, never under.
-        store.save(new_state)
-    return LocalRound(cfg, server_round, partition_id, global_state, model.state_dict(), metrics)
+    new_state = NodeState(privacy=privacy_record, scheduler=scheduler, tensors=state.tensors)
+    keep_node_state(context, store, new_state)
+    return LocalRound(
+        cfg,
+        server_round,
+        partition_id,
+        global_state,
+        model.state_dict(),
+        metrics,
+        new_state,
+        context,
+        store,
+    )
 
 
 def _budget_exhausted(msg: Message, server_round: int, epsilon: float) -> Message:

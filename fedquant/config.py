@@ -87,10 +87,31 @@ class Rounding(enum.Enum):
         fractional part f is ``f (1 - f) Delta**2`` (<= Delta**2 / 4), Delta = 2 s / n.
     NEAREST: ``c = round(n*y)``, computed as ``floor(n*y + 1/2)`` (ties go up);
         deterministic, error at most Delta / 2.
+    DITHERED: subtractive dither (Roberts 1962; Schuchman 1964): the codes of STOCHASTIC,
+        ``c = floor(n*y + u)``, with ``u`` drawn from a seed sent with the reply, and the
+        decoder subtracts it: ``x_hat = level(c) - (u - 1/2) Delta``. Inside the clip range
+        the error is uniform on ``[-Delta/2, Delta/2)`` and independent of the input
+        (variance ``Delta**2 / 12``, half that of STOCHASTIC for uniform fractions).
     """
 
     STOCHASTIC = "stochastic"
     NEAREST = "nearest"
+    DITHERED = "dithered"
+
+
+class Rotation(enum.Enum):
+    """A transform applied to each flattened tensor before quantization.
+
+    NONE: the tensor is quantized as it is.
+    HADAMARD: a randomized Hadamard transform ``y = H D x / sqrt(b)`` per block of b
+        coordinates (D random signs from the seed sent with the reply; Suresh et al. ICML
+        2017, Vargaftik et al. DRIVE 2021 / EDEN 2022): orthogonal, so the server inverts
+        it exactly, and it spreads heavy-tailed coordinates into near-Gaussian ones, which
+        a clipped uniform grid quantizes far better.
+    """
+
+    NONE = "none"
+    HADAMARD = "hadamard"
 
 
 class ClipRule(enum.Enum):
@@ -346,19 +367,40 @@ class TrainSettings:
 class CodecSettings:
     """The upload codec (paper B): B-bit clipped-uniform codes of each tensor.
 
-    ``bits`` 1..8, or 32 to upload float32. ``mse_floor`` keeps 1/MSE weights finite;
-    ``max_clip`` bounds the clip threshold a reply may declare.
+    ``bits`` 1..8, or 32 to upload float32: with ``entropy_coding`` the bits per
+    coordinate actually sent (codes on a finer grid, entropy-coded), otherwise the code
+    width. ``rotation`` transforms each tensor first; ``unbiased_scale`` rescales the
+    reconstruction by ``|y|**2 / <y, y_hat>`` (DRIVE/EDEN). ``error_feedback`` keeps the
+    client's residual ``e = (Δ + e) - Q(Δ + e)`` for the next round (EF, Seide et al.
+    2014; Karimireddy et al. 2019). ``downlink_bits`` quantizes what the server
+    broadcasts (32: float32). ``mse_floor`` keeps 1/MSE weights finite; ``max_clip``
+    bounds the clip threshold a reply may declare.
     """
 
     bits: int = _setting("bits", 4)
     clip: ClipRule = _setting("clip", ClipRule.OCTAV)
     rounding: Rounding = _setting("rounding", Rounding.STOCHASTIC)
     payload: PayloadMode = _setting("payload", PayloadMode.UPDATE)
+    rotation: Rotation = _setting("rotation", Rotation.NONE)
+    unbiased_scale: bool = _setting("unbiased-scale", False)
+    entropy_coding: bool = _setting("entropy-coding", False)
+    error_feedback: bool = _setting("error-feedback", False)
+    downlink_bits: int = _setting("downlink-bits", UNQUANTIZED_BITS)
     mse_floor: float = _setting("mse-floor", 1e-12)
     max_clip: float = _setting("max-clip", 1e4)
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
+        check_bits(self.downlink_bits, key="downlink-bits")
+        if not self.quantized:
+            for name in ("rotation", "unbiased_scale", "entropy_coding", "error_feedback"):
+                value = getattr(self, name)
+                if value not in (False, Rotation.NONE):
+                    shown = value.value if isinstance(value, enum.Enum) else value
+                    key = _key_of(_field(self, name))
+                    raise ConfigError(key, shown, "needs quantized uploads (bits 1..8)")
+        if self.error_feedback and self.payload is PayloadMode.WEIGHTS:
+            raise ConfigError("error-feedback", True, "needs payload = 'update'")
         _positive(self, "mse_floor", "max_clip")
 
     @property

@@ -1,7 +1,8 @@
 """The payload codec: a model update <-> Flower records.
 
-This module and :mod:`fedquant.reply` (the whole reply around the update: record keys,
-metrics, status replies) are the only ones in ``fedquant`` that import Flower. A client
+This module, :mod:`fedquant.reply` (the whole reply around the update: record keys,
+metrics, status replies) and :mod:`fedquant.downlink` (the quantized broadcast) are the
+only ones in ``fedquant`` that import Flower. A client
 encodes its update (a mapping of tensor name to float tensor) into a
 :class:`flwr.app.RecordDict`; the server decodes the reply, which is untrusted input, and
 validates every field before any of it is used.
@@ -20,6 +21,28 @@ the clip threshold ``s`` and the quantization error):
   (float, mean squared quantization error). ``/`` never occurs in a PyTorch
   ``state_dict`` name (those use ``.``), and the field is split off at the *last*
   ``/``, so any tensor name round-trips.
+- ``content[CODEC_KEY]`` (only with a rotation or subtractive dither): a ConfigRecord
+  with ``seed``, a public int from which each tensor's rotation signs and dither are
+  derived (:func:`tensor_seed`); the server regenerates both from it. The rotation and
+  the rounding are the run's settings, known to both ends, never read from the reply.
+
+Around the quantizer (issue 13; options of :func:`encode_update` and
+:func:`decode_update`):
+
+- **rotation** (``Rotation.HADAMARD``): the flattened tensor x of N elements is rotated,
+  ``y = rotate(x)`` of ``rotated_length(N)`` elements (:mod:`fedquant.rotation`), y is
+  quantized, and the server returns ``unrotate(y_hat)[:N]``. The codes then number
+  ``rotated_length(N)``, the reported ``mse`` is ``|y - y_hat|**2 / N`` (orthogonality:
+  an upper bound on ``|x - x_hat|**2 / N``).
+- **unbiased scaling** (DRIVE/EDEN, Vargaftik et al. 2021/2022): the reconstruction is
+  multiplied by ``|y|**2 / <y, y_hat>``; the factor is folded into ``clip``, since every
+  level (and the dither) is linear in s.
+- **entropy coding**: ``bits`` B is then the budget in bits per coordinate. Two grids are
+  tried: B-bit codes with OCTAV's clip, and codes of ``min(8, B + 2)`` bits whose clip is
+  the smallest for which the ANS-coded size (:mod:`fedquant.entropy`) fits B bits per
+  coordinate; the one with the smaller error is sent. Codes are ANS-coded when that is
+  smaller than packing them (``Array(dtype="ans", stype=ENTROPY_STYPE)``), raw packed
+  otherwise, and the tensor's ``bits`` is its code width.
 
 Decoding is strict: every problem raises :class:`PayloadError`, naming the tensor
 and the field, and no other exception type escapes :func:`decode_update`.
@@ -28,9 +51,10 @@ and the field, and no other exception type escapes :func:`decode_update`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -39,12 +63,16 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
+from fedquant import entropy, rotation
 from fedquant.codec import ClipRule, Rounding, dequantize, quantize
-from fedquant.config import MAX_CODE_BITS, UNQUANTIZED_BITS, ConfigError, check_bits
+from fedquant.config import MAX_CODE_BITS, UNQUANTIZED_BITS, ConfigError, Rotation, check_bits
 from fedquant.packing import pack_codes, packed_size, unpack_codes
 
 __all__ = [
+    "CODEC_KEY",
     "CODES_KEY",
+    "ENTROPY_DTYPE",
+    "ENTROPY_STYPE",
     "FLOAT_BITS",
     "FLOAT_STYPE",
     "MAX_ELEMENTS",
@@ -59,7 +87,9 @@ __all__ = [
     "PayloadError",
     "decode_update",
     "encode_update",
+    "needs_seed",
     "serialized_size",
+    "tensor_seed",
 ]
 
 CODES_KEY = "codes"
@@ -70,6 +100,19 @@ PACKED_STYPE = "fedquant.bitpacked.v1"
 """``Array.stype`` of bit-packed codes (raw bytes, ``fedquant.packing`` layout)."""
 PACKED_DTYPE = "bitpacked"
 """``Array.dtype`` of bit-packed codes."""
+ENTROPY_STYPE = "fedquant.ans.v1"
+"""``Array.stype`` of ANS-coded codes (``fedquant.entropy`` layout)."""
+ENTROPY_DTYPE = "ans"
+"""``Array.dtype`` of ANS-coded codes."""
+CODEC_KEY = "codec"
+"""RecordDict key of the ConfigRecord with the reply's public ``seed`` (rotation, dither)."""
+SEED_FIELD = "seed"
+MAX_SEED = 2**63 - 1
+"""Largest reply seed (a ConfigRecord int is a signed 64-bit integer)."""
+_ENTROPY_EXTRA_BITS = 2
+"""Extra code bits of the finer grid tried under entropy coding (B + 2, at most 8)."""
+_RATE_SEARCH_STEPS = 14
+"""Bisection steps on log(clip) of the rate control (2**-14 relative precision in s)."""
 FLOAT_STYPE = "numpy.ndarray"
 """``Array.stype`` Flower gives an ``Array(ndarray)`` (``np.save`` bytes)."""
 FLOAT_BITS = UNQUANTIZED_BITS
@@ -130,6 +173,31 @@ class DecodedTensor:
 # ----------------------------------------------------------------------------- encode
 
 
+def needs_seed(*, rotation: Rotation, rounding: Rounding) -> bool:
+    """Whether a reply carries ``CODEC_KEY``: a rotation or subtractive dither is on."""
+    return rotation is not Rotation.NONE or rounding is Rounding.DITHERED
+
+
+def tensor_seed(seed: int, name: str, stream: str) -> int:
+    """A tensor's 64-bit seed for ``stream`` ("rotation" or "dither"), from the reply's.
+
+    BLAKE2b of the three, so tensors and streams get unrelated signs and dithers, and a
+    tensor's seed does not depend on the order of the others.
+    """
+    digest = hashlib.blake2b(f"{seed}/{stream}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """One quantized tensor as it will be sent."""
+
+    array: Array
+    bits: int
+    clip: float
+    mse: float
+
+
 def encode_update(
     update: Mapping[str, torch.Tensor],
     *,
@@ -137,19 +205,26 @@ def encode_update(
     clip: ClipRule = ClipRule.OCTAV,
     rounding: Rounding = Rounding.STOCHASTIC,
     generator: torch.Generator | None = None,
+    rotation: Rotation = Rotation.NONE,
+    unbiased_scale: bool = False,
+    entropy_coding: bool = False,
+    seed: int | None = None,
 ) -> RecordDict:
     """Quantize each tensor of ``update`` and pack it into a reply ``RecordDict``.
 
     With ``bits`` in 1..8 every tensor goes through
     ``fedquant.codec.quantize(t, bits=bits, clip=clip, rounding=rounding,
     generator=generator)`` (paper B: clip to ``[-s, s]``, ``c = floor(n*y + u)``
-    or ``round(n*y)``) and its codes are bit-packed. With ``bits == 32`` each tensor
-    is sent as float32 (clip 0, mse 0). Stochastic rounding needs ``generator``
-    (``quantize`` enforces it). Tensors are encoded in ``update``'s order.
+    or ``round(n*y)``) and its codes are bit-packed; ``rotation``, ``unbiased_scale``
+    and ``entropy_coding`` wrap it as the module docstring says. With ``bits == 32``
+    each tensor is sent as float32 (clip 0, mse 0). Stochastic rounding needs
+    ``generator`` (``quantize`` enforces it); a rotation or ``Rounding.DITHERED`` needs
+    ``seed`` (public: the server reads it from the reply). Tensors are encoded in
+    ``update``'s order.
 
     Raises:
         ValueError: ``bits`` not in 1..8 or 32 (``fedquant.config.check_bits``), a
-            tensor that is not floating point.
+            tensor that is not floating point, a missing or out-of-range ``seed``.
         TypeError: a value that is not a ``torch.Tensor`` or a key that is not a str.
     """
     if isinstance(bits, bool) or not isinstance(bits, int):
@@ -159,6 +234,13 @@ def encode_update(
         raise TypeError(f"`clip` must be a ClipRule, got {clip!r}")
     if not isinstance(rounding, Rounding):
         raise TypeError(f"`rounding` must be a Rounding, got {rounding!r}")
+    if not isinstance(rotation, Rotation):
+        raise TypeError(f"`rotation` must be a Rotation, got {rotation!r}")
+    with_seed = bits != FLOAT_BITS and needs_seed(rotation=rotation, rounding=rounding)
+    if with_seed and not (
+        isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED
+    ):
+        raise ValueError(f"`seed` must be an int in [0, {MAX_SEED}] here. Found `{seed!r}`.")
 
     codes = ArrayRecord()
     meta = ConfigRecord()
@@ -173,18 +255,153 @@ def encode_update(
         if bits == FLOAT_BITS:
             values = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
             codes[name] = Array(values.numpy())
-            clip_value, mse = 0.0, 0.0
+            bits_sent, clip_value, mse = bits, 0.0, 0.0
         else:
-            q = quantize(
-                tensor.detach(), bits=bits, clip=clip, rounding=rounding, generator=generator
+            encoded = _encode_tensor(
+                tensor.detach(),
+                shape,
+                bits=bits,
+                clip=clip,
+                rounding=rounding,
+                generator=generator,
+                rotation_seed=(
+                    tensor_seed(seed, name, "rotation")
+                    if rotation is Rotation.HADAMARD and seed is not None
+                    else None
+                ),
+                dither_seed=(
+                    tensor_seed(seed, name, "dither")
+                    if rounding is Rounding.DITHERED and seed is not None
+                    else None
+                ),
+                unbiased_scale=unbiased_scale,
+                entropy_coding=entropy_coding,
             )
-            data = pack_codes(q.codes.reshape(-1).cpu(), bits=bits)
-            codes[name] = Array(dtype=PACKED_DTYPE, shape=shape, stype=PACKED_STYPE, data=data)
-            clip_value, mse = float(q.clip), float(q.mse)
-        meta[_meta_key(name, "bits")] = bits
+            codes[name] = encoded.array
+            bits_sent, clip_value, mse = encoded.bits, encoded.clip, encoded.mse
+        meta[_meta_key(name, "bits")] = bits_sent
         meta[_meta_key(name, "clip")] = clip_value
         meta[_meta_key(name, "mse")] = mse
-    return RecordDict({CODES_KEY: codes, META_KEY: meta})
+    content = RecordDict({CODES_KEY: codes, META_KEY: meta})
+    if with_seed:
+        assert seed is not None  # checked above
+        content[CODEC_KEY] = ConfigRecord({SEED_FIELD: seed})
+    return content
+
+
+def _encode_tensor(
+    tensor: torch.Tensor,
+    shape: tuple[int, ...],
+    *,
+    bits: int,
+    clip: ClipRule,
+    rounding: Rounding,
+    generator: torch.Generator | None,
+    rotation_seed: int | None,
+    dither_seed: int | None,
+    unbiased_scale: bool,
+    entropy_coding: bool,
+) -> _Encoded:
+    """Rotate, quantize (under a rate budget with entropy coding), rescale and code."""
+    flat = tensor.to(device="cpu", dtype=torch.float32).reshape(-1).contiguous().numpy()
+    count = flat.size
+    y = flat if rotation_seed is None else rotation.rotate(flat, rotation_seed)
+    y_t = torch.from_numpy(y)
+    if rounding is Rounding.STOCHASTIC and not isinstance(generator, torch.Generator):
+        raise ValueError(
+            f"`generator` must be a torch.Generator for Rounding.STOCHASTIC. Found `{generator!r}`."
+        )
+
+    def trial(
+        width: int, s: ClipRule | float, gen: torch.Generator | None
+    ) -> tuple[np.ndarray, float, float]:
+        q = quantize(
+            y_t, bits=width, clip=s, rounding=rounding, generator=gen, dither_seed=dither_seed
+        )
+        mse = float(q.mse) if y.size == count else float(q.mse) * y.size / count
+        return q.codes.numpy(), float(q.clip), mse
+
+    codes, s, mse = trial(bits, clip, generator)
+    width = bits
+    if entropy_coding and bits < MAX_CODE_BITS and y.size:
+        # Stochastic rounding: one more draw of the caller's generator, replayed for every
+        # trial of the rate control, so the codes sent are those the search measured.
+        draw = None
+        if rounding is Rounding.STOCHASTIC and isinstance(generator, torch.Generator):
+            draw = int(torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.int64))
+
+        def replayed(w: int, s: ClipRule | float) -> tuple[np.ndarray, float, float]:
+            return trial(w, s, None if draw is None else torch.Generator().manual_seed(draw))
+
+        fine_bits = min(MAX_CODE_BITS, bits + _ENTROPY_EXTRA_BITS)
+        fine = _rate_controlled(replayed, fine_bits, bits, count)
+        if fine is not None and fine[2] < mse:
+            codes, s, mse = fine
+            width = fine_bits
+    if unbiased_scale and y.size:
+        y_hat = _reconstruct(codes, width, s, dither_seed)
+        inner = float(np.dot(y.astype(np.float64), y_hat.astype(np.float64)))
+        if inner > 0.0:
+            scale = float(np.dot(y.astype(np.float64), y.astype(np.float64))) / inner
+            s *= scale
+            err = y.astype(np.float64) - scale * y_hat.astype(np.float64)
+            mse = float(np.dot(err, err)) / max(count, 1)
+    data = entropy.encode_codes(codes, bits=width) if entropy_coding else None
+    if data is None:
+        array = Array(
+            dtype=PACKED_DTYPE, shape=shape, stype=PACKED_STYPE, data=pack_codes(codes, bits=width)
+        )
+    else:
+        array = Array(dtype=ENTROPY_DTYPE, shape=shape, stype=ENTROPY_STYPE, data=data)
+    return _Encoded(array=array, bits=width, clip=s, mse=mse)
+
+
+_Trial = Callable[[int, ClipRule | float], tuple[np.ndarray, float, float]]
+
+
+def _rate_controlled(
+    trial: _Trial, width: int, budget_bits: int, count: int
+) -> tuple[np.ndarray, float, float] | None:
+    """The ``width``-bit codes with the smallest clip whose coded size fits the budget.
+
+    The coded size falls as the clip s grows (coarser steps); starting from OCTAV's s,
+    s is doubled until the estimate (:func:`fedquant.entropy.coded_size_estimate`) fits
+    ``budget_bits * count`` bits, then bisected on log s. None when no s fits.
+    """
+    limit = budget_bits * count
+
+    def fits(result: tuple[np.ndarray, float, float]) -> bool:
+        histogram = np.bincount(result[0], minlength=1 << width)
+        return bool(entropy.coded_size_estimate(histogram) <= limit)
+
+    low = trial(width, ClipRule.OCTAV)
+    if fits(low):
+        return low
+    s_low = low[1]
+    if s_low <= 0.0:
+        return None
+    s_high, high = s_low, low
+    for _ in range(24):  # up to 2**24 x OCTAV's clip
+        s_high *= 2.0
+        high = trial(width, s_high)
+        if fits(high):
+            break
+    else:
+        return None
+    for _ in range(_RATE_SEARCH_STEPS):
+        middle = math.sqrt(s_low * s_high)
+        result = trial(width, middle)
+        if fits(result):
+            s_high, high = middle, result
+        else:
+            s_low = middle
+    return high
+
+
+def _reconstruct(codes: np.ndarray, bits: int, clip: float, dither_seed: int | None) -> np.ndarray:
+    """``dequantize`` of flat codes, as a flat float32 array."""
+    values = dequantize(torch.from_numpy(codes), bits=bits, clip=clip, dither_seed=dither_seed)
+    return values.numpy().reshape(-1)
 
 
 def serialized_size(content: RecordDict) -> int:
@@ -200,6 +417,8 @@ def decode_update(
     *,
     expected: Mapping[str, tuple[int, ...]] | None = None,
     max_clip: float = 1e6,
+    rotation: Rotation = Rotation.NONE,
+    rounding: Rounding = Rounding.STOCHASTIC,
 ) -> dict[str, DecodedTensor]:
     """Validate and dequantize a reply produced by :func:`encode_update`.
 
@@ -214,7 +433,12 @@ def decode_update(
     equal to ``expected[name]`` when given); and the byte count, which must equal
     ``packed_size(prod(shape), bits)`` exactly. Float32 entries have their ``.npy``
     header parsed without allocating (dtype float32, the same shape, exactly the
-    right number of bytes) and must hold finite values.
+    right number of bytes) and must hold finite values. ``rotation`` and ``rounding``
+    are the run's (``Rounding.DITHERED`` subtracts the dither): with either on, the
+    ``CODEC_KEY`` record must hold exactly an int ``seed`` in ``0..MAX_SEED``, and with
+    neither it must be absent; codes number ``rotated_length(N)`` under a rotation; an
+    ANS-coded Array must be shorter than the packed codes would be and decode to
+    exactly that many codes (:func:`fedquant.entropy.decode_codes`).
 
     Returns:
         ``{name: DecodedTensor}`` in the order of the codes record.
@@ -233,6 +457,7 @@ def decode_update(
         expected_shapes = {name: tuple(int(d) for d in shape) for name, shape in expected.items()}
 
     codes, meta = _records(content)
+    seed = _reply_seed(content, needs_seed(rotation=rotation, rounding=rounding))
     names = list(codes.keys())
     if expected_shapes is not None:
         for name in names:
@@ -247,9 +472,49 @@ def decode_update(
     for name in names:
         bits, clip, mse = _check_meta(name, fields[name], max_clip=max_clip)
         want = None if expected_shapes is None else expected_shapes[name]
-        values = _decode_array(name, codes[name], bits=bits, clip=clip, expected=want)
+        seeds = _Seeds(
+            rotation=(
+                tensor_seed(seed, name, "rotation")
+                if seed is not None and rotation is Rotation.HADAMARD
+                else None
+            ),
+            dither=(
+                tensor_seed(seed, name, "dither")
+                if seed is not None and rounding is Rounding.DITHERED
+                else None
+            ),
+        )
+        values = _decode_array(name, codes[name], bits=bits, clip=clip, expected=want, seeds=seeds)
         decoded[name] = DecodedTensor(values=values, bits=bits, clip=clip, mse=mse)
     return decoded
+
+
+@dataclass(frozen=True)
+class _Seeds:
+    """A tensor's rotation and dither seeds (None: that transform is off)."""
+
+    rotation: int | None = None
+    dither: int | None = None
+
+
+def _reply_seed(content: RecordDict, required: bool) -> int | None:
+    """The reply's public seed (``CODEC_KEY``), present exactly when ``required``."""
+    if CODEC_KEY not in content:
+        if required:
+            raise PayloadError(tensor=None, field=CODEC_KEY, reason="missing record")
+        return None
+    if not required:
+        reason = "unexpected: this run uses neither a rotation nor dither"
+        raise PayloadError(tensor=None, field=CODEC_KEY, reason=reason)
+    record = content[CODEC_KEY]
+    if not isinstance(record, ConfigRecord) or set(record.keys()) != {SEED_FIELD}:
+        reason = f"must be a ConfigRecord holding exactly {SEED_FIELD!r}"
+        raise PayloadError(tensor=None, field=CODEC_KEY, reason=reason)
+    seed = record[SEED_FIELD]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        reason = f"must be an int in [0, {MAX_SEED}], got {seed!r}"
+        raise PayloadError(tensor=None, field=SEED_FIELD, reason=reason)
+    return seed
 
 
 def _meta_key(name: str, field: str) -> str:
@@ -358,21 +623,27 @@ def _check_shape(
 
 
 def _decode_array(
-    name: str, array: object, *, bits: int, clip: float, expected: tuple[int, ...] | None
+    name: str,
+    array: object,
+    *,
+    bits: int,
+    clip: float,
+    expected: tuple[int, ...] | None,
+    seeds: _Seeds = _Seeds(),
 ) -> np.ndarray:
     if not isinstance(array, Array):
         reason = f"must be an Array, got {type(array).__name__}"
         raise PayloadError(tensor=name, field=CODES_KEY, reason=reason)
     stype, dtype, data = array.stype, array.dtype, array.data
     if bits == FLOAT_BITS:
-        want_stype, want_dtype = FLOAT_STYPE, "float32"
+        allowed = {FLOAT_STYPE: "float32"}
     else:
-        want_stype, want_dtype = PACKED_STYPE, PACKED_DTYPE
-    if stype != want_stype:
-        reason = f"must be {want_stype!r} with bits {bits}, got {stype!r}"
+        allowed = {PACKED_STYPE: PACKED_DTYPE, ENTROPY_STYPE: ENTROPY_DTYPE}
+    if stype not in allowed:
+        reason = f"must be one of {sorted(allowed)} with bits {bits}, got {stype!r}"
         raise PayloadError(tensor=name, field="stype", reason=reason)
-    if dtype != want_dtype:
-        reason = f"must be {want_dtype!r} with bits {bits}, got {dtype!r}"
+    if dtype != allowed[stype]:
+        reason = f"must be {allowed[stype]!r} with stype {stype!r}, got {dtype!r}"
         raise PayloadError(tensor=name, field="dtype", reason=reason)
     shape, count = _check_shape(name, array.shape, expected)
     if not isinstance(data, bytes):
@@ -381,17 +652,30 @@ def _decode_array(
     if bits == FLOAT_BITS:
         return _load_float32(name, data, shape=shape, count=count)
 
-    size = packed_size(count, bits=bits)
-    if len(data) != size:
-        reason = f"{len(data)} bytes, but shape {shape} at {bits} bits packs to {size}"
-        raise PayloadError(tensor=name, field="data", reason=reason)
-    try:
-        codes = unpack_codes(data, bits=bits, count=count)  # (count,) uint8
-    except ValueError as err:  # the length was checked above; keep the boundary typed
-        raise PayloadError(tensor=name, field="data", reason=str(err)) from err
-    codes_t = torch.from_numpy(np.asarray(codes, dtype=np.uint8))
-    values = dequantize(codes_t, bits=bits, clip=clip)
-    return values.numpy().astype(np.float32, copy=False).reshape(shape)  # (*shape)
+    # Codes of the rotated vector: rotated_length(count) <= 2 count of them.
+    coded = count if seeds.rotation is None else rotation.rotated_length(count)
+    size = packed_size(coded, bits=bits)
+    if stype == ENTROPY_STYPE:
+        if len(data) >= size:
+            reason = f"{len(data)} ANS bytes, not fewer than the {size} of packed codes"
+            raise PayloadError(tensor=name, field="data", reason=reason)
+        try:
+            codes = entropy.decode_codes(data, bits=bits, count=coded)  # (coded,) uint8
+        except ValueError as err:
+            raise PayloadError(tensor=name, field="data", reason=str(err)) from err
+    else:
+        if len(data) != size:
+            described = f"shape {shape}" if coded == count else f"{coded} rotated codes"
+            reason = f"{len(data)} bytes, but {described} at {bits} bits packs to {size}"
+            raise PayloadError(tensor=name, field="data", reason=reason)
+        try:
+            codes = unpack_codes(data, bits=bits, count=coded)  # (coded,) uint8
+        except ValueError as err:  # the length was checked above; keep the boundary typed
+            raise PayloadError(tensor=name, field="data", reason=str(err)) from err
+    values = _reconstruct(np.asarray(codes, dtype=np.uint8), bits, clip, seeds.dither)
+    if seeds.rotation is not None:
+        values = rotation.unrotate(values, count, seeds.rotation)
+    return values.astype(np.float32, copy=False).reshape(shape)  # (*shape)
 
 
 def _load_float32(name: str, data: bytes, *, shape: tuple[int, ...], count: int) -> np.ndarray:

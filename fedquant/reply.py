@@ -10,8 +10,8 @@ bounds, and no other exception escapes it.
 
 Layout of a training reply (``RecordDict``):
 
-- ``CODES_KEY`` / ``META_KEY``: the update as :func:`fedquant.payload.encode_update`
-  writes it;
+- ``CODES_KEY`` / ``META_KEY`` (and ``CODEC_KEY`` with a rotation or dither): the
+  update as :func:`fedquant.payload.encode_update` writes it;
 - ``METRICS_KEY``: a ``MetricRecord`` with the names in :data:`REPLY_METRICS`
   (``num-examples`` and ``server-round`` required, the rest optional; ``epsilon``
   required under DP and forbidden without it).
@@ -42,8 +42,9 @@ from flwr.app import (
 )
 
 from fedquant.codec import rounding_error_floor
-from fedquant.config import ClipRule, PayloadMode, Rounding, RunConfig
+from fedquant.config import ClipRule, PayloadMode, Rotation, Rounding, RunConfig
 from fedquant.payload import (
+    CODEC_KEY,
     CODES_KEY,
     FLOAT_BITS,
     META_KEY,
@@ -51,6 +52,7 @@ from fedquant.payload import (
     PayloadError,
     decode_update,
     encode_update,
+    needs_seed,
     serialized_size,
 )
 
@@ -160,6 +162,9 @@ class ReplyLimits:
         max_speedup: largest theoretical speedup a reply may report (the run's
             ``low-precision-speedup``: all layers in low precision).
         max_clip: largest clip threshold a tensor may declare (``max-clip``).
+        rotation: the run's rotation (the server inverts it; ``rotation``).
+        rounding: the run's rounding (``Rounding.DITHERED``: the server subtracts the
+            dither; ``rounding``).
 
     Raises:
         ValueError: a limit that is not finite and in range, naming it.
@@ -169,6 +174,8 @@ class ReplyLimits:
     max_num_examples: int = MAX_NUM_EXAMPLES
     max_speedup: float = 32.0
     max_clip: float = 1e4
+    rotation: Rotation = Rotation.NONE
+    rounding: Rounding = Rounding.STOCHASTIC
 
     def __post_init__(self) -> None:
         if self.max_epsilon is not None and not (
@@ -196,6 +203,8 @@ class ReplyLimits:
             max_num_examples=cfg.robust.max_num_examples,
             max_speedup=cfg.dpquant.low_precision_speedup,
             max_clip=cfg.codec.max_clip,
+            rotation=cfg.codec.rotation,
+            rounding=cfg.codec.rounding,
         )
 
 
@@ -249,6 +258,10 @@ def encode_reply(
     clip: ClipRule = ClipRule.OCTAV,
     rounding: Rounding = Rounding.STOCHASTIC,
     generator: torch.Generator | None = None,
+    rotation: Rotation = Rotation.NONE,
+    unbiased_scale: bool = False,
+    entropy_coding: bool = False,
+    seed: int | None = None,
 ) -> RecordDict:
     """A client's training reply: ``update`` encoded (:func:`encode_update`) plus metrics.
 
@@ -259,7 +272,17 @@ def encode_reply(
     unknown = sorted(set(metrics) - REPLY_METRICS)
     if unknown:
         raise ValueError(f"not reply metrics: {unknown}; a reply may carry {sorted(REPLY_METRICS)}")
-    content = encode_update(update, bits=bits, clip=clip, rounding=rounding, generator=generator)
+    content = encode_update(
+        update,
+        bits=bits,
+        clip=clip,
+        rounding=rounding,
+        generator=generator,
+        rotation=rotation,
+        unbiased_scale=unbiased_scale,
+        entropy_coding=entropy_coding,
+        seed=seed,
+    )
     content[METRICS_KEY] = MetricRecord(dict(metrics))
     return content
 
@@ -409,7 +432,10 @@ def _decode_training(
     limits: ReplyLimits,
     node: int,
 ) -> ClientReply:
-    if set(content.keys()) != {CODES_KEY, META_KEY, METRICS_KEY}:
+    records = {CODES_KEY, META_KEY, METRICS_KEY}
+    if needs_seed(rotation=limits.rotation, rounding=limits.rounding):
+        records.add(CODEC_KEY)
+    if set(content.keys()) != records:
         reason = f"unexpected records {sorted(content.keys())}"
         raise ReplyError(tensor=None, field="records", reason=reason)
     metrics = content[METRICS_KEY]
@@ -448,6 +474,8 @@ def _decode_training(
         content,
         expected={k: tuple(v.shape) for k, v in global_arrays.items()},
         max_clip=limits.max_clip,
+        rotation=limits.rotation,
+        rounding=limits.rounding,
     )
     return ClientReply(
         node_id=node,

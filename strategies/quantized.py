@@ -29,6 +29,12 @@ got no reply at all are counted as ``missing``.
 The global model the replies update is an explicit input: given at construction or by
 :meth:`QuantizedStrategy.set_global_model`, recorded by ``configure_train`` (the model
 it sends), and advanced by ``aggregate_train`` when it applies a round.
+
+With a quantized downlink (``downlink``, :mod:`fedquant.downlink`), the model a round
+produces is broadcast as quantized deltas, and the model ``aggregate_train`` returns
+(which the ServerApp evaluates and checkpoints, and the next round sends) is the one
+every client reconstructs, ``w_hat``; the float32 model it tracks is kept as the
+difference ``w - w_hat``, added back before the next delta is quantized.
 """
 
 from __future__ import annotations
@@ -56,10 +62,12 @@ from fedquant.aggregate import (
     aggregate_tensors,
     resolve_rule,
 )
-from fedquant.config import ConfigError, PayloadMode, RunConfig
+from fedquant.config import UNQUANTIZED_BITS, ConfigError, PayloadMode, RunConfig
+from fedquant.downlink import BASE, DIGEST, VERSION, Broadcaster, model_digest
 from fedquant.payload import serialized_size
 from fedquant.reply import (
     ARRAYS_KEY,
+    CONFIG_KEY,
     BudgetExhausted,
     ClientReply,
     ReplyError,
@@ -110,6 +118,9 @@ class QuantizedStrategy(Strategy):
         limits: what a reply may claim (default: no DP, the default caps).
         global_model: the model the first replies update (else set by
             :meth:`set_global_model` or ``configure_train``).
+        downlink: broadcast the model as quantized deltas (None: float32).
+        clients_hold_initial: every client can rebuild the initial model itself (the
+            run-seeded one), so none needs it sent.
 
     Raises:
         ValueError: ``min_replies`` not an int >= 1, or ``update_norm_factor`` or
@@ -128,6 +139,8 @@ class QuantizedStrategy(Strategy):
         round_norm_factor: float = 10.0,
         limits: ReplyLimits | None = None,
         global_model: ArrayRecord | None = None,
+        downlink: Broadcaster | None = None,
+        clients_hold_initial: bool = False,
     ) -> None:
         if isinstance(min_replies, bool) or not isinstance(min_replies, int) or min_replies < 1:
             raise ValueError(f"`min_replies` must be an int >= 1. Found `{min_replies!r}`.")
@@ -145,6 +158,12 @@ class QuantizedStrategy(Strategy):
         self._global: ArrayRecord | None = None
         self._model_bytes: int | None = None  # of RecordDict({ARRAYS_KEY: _global})
         self._downlink = 0  # bytes the last configure_train sent
+        self._sent_messages = 0
+        self.broadcaster = downlink
+        self.clients_hold_initial = clients_hold_initial
+        self._broadcast: ArrayRecord | None = None  # the model the broadcaster holds
+        self._broadcast_lag: dict[str, np.ndarray] = {}  # w - w_hat
+        self._version_sent: dict[int, int] = {}  # node -> version of this round's send
         if global_model is not None:
             self.set_global_model(global_model)
 
@@ -180,9 +199,49 @@ class QuantizedStrategy(Strategy):
         """Send ``arrays`` (which becomes the global model) through ``base``."""
         self.set_global_model(arrays)
         messages = list(self.base.configure_train(server_round, arrays, config, grid))
+        if self.broadcaster is not None:
+            messages = self._quantized_instructions(arrays, messages)
         self.sent_by_round[server_round] = len(messages)
+        self._sent_messages = len(messages)
         self._downlink = sum(self._instruction_bytes(msg.content) for msg in messages)
         return messages
+
+    def _quantized_instructions(
+        self, arrays: ArrayRecord, messages: list[Message]
+    ) -> list[Message]:
+        """Each node's instruction: the deltas since the copy it holds, or the float32 model."""
+        broadcaster = self.broadcaster
+        assert broadcaster is not None
+        if arrays is not self._broadcast:  # first round, resume, or a model set from outside
+            first = self._broadcast is None
+            broadcaster.reset(
+                {k: v.numpy() for k, v in arrays.items()},
+                version=0 if first else broadcaster.version + 1,
+            )
+            self._broadcast_lag = {}
+            self._broadcast = arrays
+        digest = model_digest(broadcaster.model)
+        out = []
+        self._version_sent = {}
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if self.clients_hold_initial and broadcaster.version == 0:
+                broadcaster.held.setdefault(node, 0)
+            config = ConfigRecord(dict(msg.content.config_records[CONFIG_KEY]))
+            config[VERSION] = broadcaster.version
+            config[DIGEST] = digest
+            deltas = broadcaster.instruction(node)
+            if deltas is None:
+                content = RecordDict({ARRAYS_KEY: msg.content[ARRAYS_KEY], CONFIG_KEY: config})
+            else:
+                config[BASE] = broadcaster.held[node]
+                content = RecordDict(deltas)
+                content[CONFIG_KEY] = config
+            self._version_sent[node] = broadcaster.version
+            out.append(
+                Message(content=content, message_type=msg.metadata.message_type, dst_node_id=node)
+            )
+        return out
 
     def _instruction_bytes(self, content: RecordDict) -> int:
         """Bytes of an instruction as Flower serializes it, the model counted once.
@@ -236,6 +295,8 @@ class QuantizedStrategy(Strategy):
             epsilon_by_node=self.epsilon_by_node,
             downlink_bytes=self._downlink,
             float32_reply_bytes=self._float32_reply_bytes(),
+            sent_messages=self._sent_messages,
+            coordinates=sum(v.numpy().size for v in self._global.values()),
         )
         if len(accepted) < self.min_replies:
             report.log_skipped(server_round, accepted=len(accepted), minimum=self.min_replies)
@@ -264,8 +325,24 @@ class QuantizedStrategy(Strategy):
             return None, _with(metrics.to_record(), base_metrics)
         self.recent_steps = remember_step(self.recent_steps, step)
         metrics.step_norm = step
+        if self.broadcaster is not None:
+            arrays = self._broadcast_model(arrays)
         self.set_global_model(arrays)
         return arrays, _with(metrics.to_record(), base_metrics)
+
+    def _broadcast_model(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The next broadcast version of ``arrays`` (what clients will rebuild).
+
+        The float32 target is ``arrays`` plus the part of the previous target the
+        broadcast missed (server-side error feedback, :mod:`fedquant.downlink`).
+        """
+        broadcaster = self.broadcaster
+        assert broadcaster is not None
+        target = {k: v.numpy() + self._broadcast_lag.get(k, 0.0) for k, v in arrays.items()}
+        model = broadcaster.advance(target)
+        self._broadcast_lag = {k: (target[k] - model[k]).astype(np.float32) for k in model}
+        self._broadcast = ArrayRecord({k: Array(v) for k, v in model.items()})
+        return self._broadcast
 
     def _decode(
         self, server_round: int, replies: Iterable[Message], global_arrays: Mapping[str, np.ndarray]
@@ -275,6 +352,8 @@ class QuantizedStrategy(Strategy):
         for msg in replies:
             counts.received += 1
             node = msg.metadata.src_node_id
+            if self.broadcaster is not None:
+                self._note_copy(node, ok=not msg.has_error())
             if msg.has_error():
                 counts.fail(node, msg.error.reason)
                 continue
@@ -297,6 +376,15 @@ class QuantizedStrategy(Strategy):
             if reply.epsilon is not None:
                 self.epsilon_by_node[node] = reply.epsilon
         return counts
+
+    def _note_copy(self, node: int, *, ok: bool) -> None:
+        """A node that replied holds the version it was sent; one that failed, unknown."""
+        assert self.broadcaster is not None
+        sent = self._version_sent.get(node)
+        if ok and sent is not None:
+            self.broadcaster.held[node] = sent
+        else:
+            self.broadcaster.held.pop(node, None)
 
     def _bound_norms(
         self, server_round: int, accepted: list[ClientReply]
@@ -422,7 +510,9 @@ def _with(record: MetricRecord, extra: Mapping[str, Any]) -> MetricRecord:
     return record
 
 
-def strategy_from_config(cfg: RunConfig) -> QuantizedStrategy:
+def strategy_from_config(
+    cfg: RunConfig, *, clients_hold_initial: bool = False
+) -> QuantizedStrategy:
     """The strategy a run config asks for.
 
     ``aggregator`` is a rule (``error-weighted`` and ``fedavg``, their shares capped
@@ -431,8 +521,10 @@ def strategy_from_config(cfg: RunConfig) -> QuantizedStrategy:
     ``flwr:<Name>`` to wrap the stock ``flwr.serverapp.strategy.<Name>`` (e.g.
     ``flwr:FedAdam``) with its defaults. ``min-replies``, ``update-norm-factor``,
     ``round-norm-factor`` and the reply limits (``max-num-examples``, the ε budget
-    under DP, ``low-precision-speedup``, ``max-clip``) apply to all of them. A bad
-    value raises ConfigError naming the key.
+    under DP, ``low-precision-speedup``, ``max-clip``) apply to all of them; with
+    ``downlink-bits`` below 32 the broadcast is quantized (``clients_hold_initial``: the
+    initial model is the run-seeded one every client can build). A bad value raises
+    ConfigError naming the key.
     """
     sampling = {
         "fraction_train": cfg.run.fraction_train,
@@ -447,6 +539,17 @@ def strategy_from_config(cfg: RunConfig) -> QuantizedStrategy:
         "update_norm_factor": cfg.robust.update_norm_factor,
         "round_norm_factor": cfg.robust.round_norm_factor,
         "limits": ReplyLimits.from_config(cfg),
+        "downlink": (
+            None
+            if cfg.codec.downlink_bits == UNQUANTIZED_BITS
+            else Broadcaster(
+                bits=cfg.codec.downlink_bits,
+                rotation=cfg.codec.rotation,
+                entropy_coding=cfg.codec.entropy_coding,
+                seed=cfg.run.seed,
+            )
+        ),
+        "clients_hold_initial": clients_hold_initial,
     }
     aggregator = cfg.robust.aggregator
     try:

@@ -35,6 +35,9 @@ QUANTIZED_LAYER_FRACTION = "quantized-layer-fraction"
 UPLINK_BYTES = "uplink-bytes"
 DOWNLINK_BYTES = "downlink-bytes"
 UPLINK_FLOAT32_BYTES = "uplink-float32-bytes"
+DOWNLINK_FLOAT32_BYTES = "downlink-float32-bytes"
+UPLINK_BITS = "uplink-bits-per-coordinate"
+DOWNLINK_BITS = "downlink-bits-per-coordinate"
 MSE_MEAN = "mse-mean"
 MSE_MAX = "mse-max"
 # Also reply metric names (fedquant.reply): summed or averaged over the round's replies.
@@ -42,7 +45,9 @@ __all__ = [
     "ACCEPTED",
     "BUDGET_EXHAUSTED",
     "DISCARDED",
+    "DOWNLINK_BITS",
     "DOWNLINK_BYTES",
+    "DOWNLINK_FLOAT32_BYTES",
     "DOWN_WEIGHTED",
     "EPSILON_CLIENTS",
     "EPSILON_MAX",
@@ -58,6 +63,7 @@ __all__ = [
     "SKIPPED",
     "SPEEDUP",
     "STEP_NORM",
+    "UPLINK_BITS",
     "UPLINK_BYTES",
     "UPLINK_FLOAT32_BYTES",
     "RoundCounts",
@@ -131,6 +137,9 @@ class RoundMetrics:
     uplink_bytes: int
     downlink_bytes: int
     uplink_float32_bytes: int
+    downlink_float32_bytes: int
+    uplink_bits: float
+    downlink_bits: float
     mse_mean: float
     mse_max: float
     skipped: int = 0
@@ -149,6 +158,8 @@ class RoundMetrics:
         epsilon_by_node: Mapping[int, float],
         downlink_bytes: int,
         float32_reply_bytes: int,
+        sent_messages: int | None = None,
+        coordinates: int = 0,
     ) -> RoundMetrics:
         """The metrics of a round from its replies and counts.
 
@@ -163,8 +174,15 @@ class RoundMetrics:
             downlink_bytes: bytes of this round's instructions (the float32 model to
                 every sampled client).
             float32_reply_bytes: bytes of one reply carrying the float32 model, the
-                reference of the uplink's compression.
+                reference of the uplink's compression (and, one per message sent, of
+                the downlink's).
+            sent_messages: instructions the downlink bytes were spent on (default
+                ``sent``).
+            coordinates: the model's parameter count; bits per coordinate are the
+                bytes actually sent (with every header) x 8 over coordinates x messages.
         """
+        messages = sent if sent_messages is None else sent_messages
+        uplink_bytes = sum(r.uplink_bytes for r in accepted)
         mses = [m for r in accepted for m in r.claimed_mse.values()]
         epsilons = [r.epsilon for r in accepted if r.epsilon is not None]
         return cls(
@@ -181,9 +199,12 @@ class RoundMetrics:
             speedup=float(np.mean([r.speedup for r in accepted])) if accepted else 1.0,
             quantized_layer_fraction=_layer_fraction(accepted),
             num_examples=sum(r.num_examples for r in accepted),
-            uplink_bytes=sum(r.uplink_bytes for r in accepted),
+            uplink_bytes=uplink_bytes,
             downlink_bytes=downlink_bytes,
             uplink_float32_bytes=float32_reply_bytes * len(accepted),
+            downlink_float32_bytes=float32_reply_bytes * messages,
+            uplink_bits=_per_coordinate(uplink_bytes, coordinates * len(accepted)),
+            downlink_bits=_per_coordinate(downlink_bytes, coordinates * messages),
             mse_mean=float(np.mean(mses)) if mses else 0.0,
             mse_max=float(np.max(mses)) if mses else 0.0,
         )
@@ -211,10 +232,18 @@ class RoundMetrics:
                 UPLINK_BYTES: self.uplink_bytes,
                 DOWNLINK_BYTES: self.downlink_bytes,
                 UPLINK_FLOAT32_BYTES: self.uplink_float32_bytes,
+                DOWNLINK_FLOAT32_BYTES: self.downlink_float32_bytes,
+                UPLINK_BITS: self.uplink_bits,
+                DOWNLINK_BITS: self.downlink_bits,
                 MSE_MEAN: self.mse_mean,
                 MSE_MAX: self.mse_max,
             }
         )
+
+
+def _per_coordinate(num_bytes: int, coordinates: int) -> float:
+    """Bits per coordinate, 0.0 when nothing was sent."""
+    return 8.0 * num_bytes / coordinates if coordinates else 0.0
 
 
 def _layer_fraction(accepted: Sequence[ClientReply]) -> list[float]:

@@ -28,8 +28,17 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _x_hat(q: QuantizedTensor) -> torch.Tensor:
-    return dequantize(q.codes, bits=q.bits, clip=q.clip)
+def _dither(rounding: Rounding, seed: int) -> int | None:
+    """The ``dither_seed`` that ``rounding`` takes: ``seed`` for DITHERED, else None.
+
+    Tests that run every mode pass ``generator=_gen(seed)`` (used by STOCHASTIC only)
+    and ``dither_seed=_dither(rounding, seed)``, and decode with the same dither seed.
+    """
+    return seed if rounding is Rounding.DITHERED else None
+
+
+def _x_hat(q: QuantizedTensor, dither_seed: int | None = None) -> torch.Tensor:
+    return dequantize(q.codes, bits=q.bits, clip=q.clip, dither_seed=dither_seed)
 
 
 def _levels(bits: int, s: float) -> np.ndarray:
@@ -38,8 +47,8 @@ def _levels(bits: int, s: float) -> np.ndarray:
     return (2.0 * np.arange(n + 1) - n) * (s / n)
 
 
-def _mse64(x: torch.Tensor, q: QuantizedTensor) -> float:
-    x_hat = _x_hat(q).double()
+def _mse64(x: torch.Tensor, q: QuantizedTensor, dither_seed: int | None = None) -> float:
+    x_hat = _x_hat(q, dither_seed).double()
     return float(((x.double() - x_hat) ** 2).mean()) if x.numel() else 0.0
 
 
@@ -176,13 +185,18 @@ def test_nearest_picks_the_nearest_level(bits: int) -> None:
 def test_error_bounds_inside_clip_range(
     bits: int, rounding: Rounding, clip: ClipRule | float
 ) -> None:
+    # NEAREST and DITHERED (error uniform on [-Delta/2, Delta/2)) err by at most Delta/2,
+    # STOCHASTIC by less than Delta.
     x = torch.randn(50_000, generator=_gen(4))
-    q = quantize(x, bits=bits, clip=clip, rounding=rounding, generator=_gen(5))
+    dither_seed = _dither(rounding, 5)
+    q = quantize(
+        x, bits=bits, clip=clip, rounding=rounding, generator=_gen(5), dither_seed=dither_seed
+    )
     s = q.clip
     step = 2.0 * s / (2**bits - 1)
     inside = x.abs() <= s
-    err = (x.double() - _x_hat(q).double()).abs()[inside]
-    bound = step / 2 if rounding is Rounding.NEAREST else step
+    err = (x.double() - _x_hat(q, dither_seed).double()).abs()[inside]
+    bound = step if rounding is Rounding.STOCHASTIC else step / 2
     assert inside.any()
     assert float(err.max()) <= bound * (1 + 1e-5)
     # clipped values land on the outermost level
@@ -197,18 +211,25 @@ def test_error_bounds_inside_clip_range(
 @pytest.mark.parametrize("clip", [ClipRule.MAX, ClipRule.OCTAV, 0.5, 100.0])
 def test_mse_field_equals_recomputed(bits: int, rounding: Rounding, clip: ClipRule | float) -> None:
     x = torch.randn(4_099, generator=_gen(6)) * 3
-    q = quantize(x, bits=bits, clip=clip, rounding=rounding, generator=_gen(7))
+    dither_seed = _dither(rounding, 7)
+    q = quantize(
+        x, bits=bits, clip=clip, rounding=rounding, generator=_gen(7), dither_seed=dither_seed
+    )
     assert q.codes.dtype == torch.uint8 and q.codes.shape == x.shape
     assert int(q.codes.max()) <= 2**bits - 1
-    assert q.mse == pytest.approx(_mse64(x, q), rel=1e-4)
+    assert q.mse == pytest.approx(_mse64(x, q, dither_seed), rel=1e-4)
 
 
 def test_mse_matches_on_large_noncontiguous_input() -> None:
     x = torch.randn(1000, 3001, generator=_gen(8))[:, :3000]  # non-contiguous, 3M
     for rounding in Rounding:
-        q = quantize(x, bits=3, clip=ClipRule.OCTAV, rounding=rounding, generator=_gen(9))
+        dither_seed = _dither(rounding, 9)
+        q = quantize(
+            x, bits=3, clip=ClipRule.OCTAV, rounding=rounding, generator=_gen(9),
+            dither_seed=dither_seed,
+        )  # fmt: skip
         assert q.codes.shape == x.shape
-        assert q.mse == pytest.approx(_mse64(x, q), rel=1e-4)
+        assert q.mse == pytest.approx(_mse64(x, q, dither_seed), rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- stochastic rounding
@@ -375,11 +396,15 @@ def test_max_abs_kernel(dtype: torch.dtype, size: int) -> None:
 @pytest.mark.parametrize("rounding", list(Rounding))
 @pytest.mark.parametrize("clip", [ClipRule.MAX, ClipRule.OCTAV])
 def test_zero_tensor(rounding: Rounding, clip: ClipRule) -> None:
+    # s = 0: Delta = 0, so DITHERED subtracts nothing either.
     x = torch.zeros(5, 7)
-    q = quantize(x, bits=3, clip=clip, rounding=rounding, generator=_gen(0))
+    dither_seed = _dither(rounding, 0)
+    q = quantize(
+        x, bits=3, clip=clip, rounding=rounding, generator=_gen(0), dither_seed=dither_seed
+    )
     assert q.clip == 0.0 and q.mse == 0.0
     assert bool((q.codes == q.codes.flatten()[0]).all())
-    assert torch.equal(_x_hat(q), torch.zeros(5, 7))
+    assert torch.equal(_x_hat(q, dither_seed), torch.zeros(5, 7))
 
 
 def test_explicit_zero_clip_reconstructs_zero() -> None:
@@ -431,8 +456,10 @@ def test_tiny_and_huge_magnitudes_scale_exactly(
     scaled = torch.ldexp(x, torch.tensor(exponent))
     assert bool(torch.isfinite(scaled).all())
     for rounding in Rounding:
-        base = quantize(x, bits=4, clip=clip, rounding=rounding, generator=_gen(1))
-        q = quantize(scaled, bits=4, clip=clip, rounding=rounding, generator=_gen(1))
+        kw = {"generator": _gen(1), "dither_seed": _dither(rounding, 1)}
+        base = quantize(x, bits=4, clip=clip, rounding=rounding, **kw)  # type: ignore[arg-type]
+        kw = {"generator": _gen(1), "dither_seed": _dither(rounding, 1)}
+        q = quantize(scaled, bits=4, clip=clip, rounding=rounding, **kw)  # type: ignore[arg-type]
         assert torch.equal(q.codes, base.codes)
         assert math.isfinite(q.mse) and q.mse > 0
         assert q.clip == pytest.approx(math.ldexp(base.clip, exponent), rel=1e-12)
@@ -443,11 +470,14 @@ def test_tiny_and_huge_magnitudes_scale_exactly(
 def test_extreme_float32_values_have_no_nan(magnitude: float) -> None:
     x = (torch.randn(1_000, generator=_gen(14), dtype=torch.float64) * magnitude).float()
     for rounding in Rounding:
+        dither_seed = _dither(rounding, 1)
         for clip in (ClipRule.MAX, ClipRule.OCTAV):
-            q = quantize(x, bits=3, clip=clip, rounding=rounding, generator=_gen(1))
-            x_hat = _x_hat(q)
+            q = quantize(
+                x, bits=3, clip=clip, rounding=rounding, generator=_gen(1), dither_seed=dither_seed
+            )
+            x_hat = _x_hat(q, dither_seed)
             assert bool(torch.isfinite(x_hat).all()) and math.isfinite(q.mse)
-            assert q.mse == pytest.approx(_mse64(x, q), rel=1e-3, abs=1e-300)
+            assert q.mse == pytest.approx(_mse64(x, q, dither_seed), rel=1e-3, abs=1e-300)
 
 
 def test_clip_far_below_the_values() -> None:
@@ -478,12 +508,14 @@ def test_max_rule_gives_max_abs() -> None:
 
 def test_octav_rule_uses_octav_clip_for_its_rounding() -> None:
     x = _laplace(5_000, 17)
-    assert octav_clip(x, bits=3, rounding=Rounding.NEAREST) != octav_clip(
-        x, bits=3, rounding=Rounding.STOCHASTIC
-    )
+    clips = {rounding: octav_clip(x, bits=3, rounding=rounding) for rounding in Rounding}
+    assert len(set(clips.values())) == len(clips)  # three error models, three thresholds
     for rounding in Rounding:
-        q = quantize(x, bits=3, clip=ClipRule.OCTAV, rounding=rounding, generator=_gen(1))
-        assert q.clip == octav_clip(x, bits=3, rounding=rounding)
+        q = quantize(
+            x, bits=3, clip=ClipRule.OCTAV, rounding=rounding, generator=_gen(1),
+            dither_seed=_dither(rounding, 1),
+        )  # fmt: skip
+        assert q.clip == clips[rounding]
 
 
 @pytest.mark.parametrize("dist", ["gaussian", "laplace"])
@@ -568,23 +600,27 @@ def test_throughput_rows_smoke() -> None:
 
 
 @pytest.mark.parametrize(
-    ("rounding", "per_grid"), [(Rounding.NEAREST, 1.0), (Rounding.STOCHASTIC, 2.0)]
+    ("rounding", "per_grid"),
+    [(Rounding.NEAREST, 1.0), (Rounding.STOCHASTIC, 2.0), (Rounding.DITHERED, 1.0)],
 )
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_rounding_error_floor_is_the_grid_error_of_spread_values(
     rounding: Rounding, per_grid: float, bits: int
 ) -> None:
-    """Values uniform over [-s, s] err by the floor (nearest) or twice it (stochastic).
+    """Values uniform over [-s, s] err by the floor (nearest, dithered) or twice it (stochastic).
 
-    Nearest rounding errs by Delta^2/12 on average, the floor itself, and stochastic
-    rounding by Delta^2/6; within 4 standard errors of the mean squared error, estimated
-    from the same sample.
+    Nearest rounding errs by Delta^2/12 on average, the floor itself, stochastic rounding
+    by Delta^2/6, and dithered rounding by Delta^2/12 (for any values); within 4 standard
+    errors of the mean squared error, estimated from the same sample.
     """
     s = 0.37
     x = (torch.rand(200_000, generator=torch.Generator().manual_seed(bits)) * 2 - 1) * s
     generator = torch.Generator().manual_seed(1)
-    q = quantize(x, bits=bits, clip=s, rounding=rounding, generator=generator)
-    squared = (x.double() - _x_hat(q).double()).pow(2).numpy()
+    dither_seed = _dither(rounding, 1)
+    q = quantize(
+        x, bits=bits, clip=s, rounding=rounding, generator=generator, dither_seed=dither_seed
+    )
+    squared = (x.double() - _x_hat(q, dither_seed).double()).pow(2).numpy()
     floor = rounding_error_floor(bits=bits, clip=s)
     assert floor == pytest.approx((2 * s / (2**bits - 1)) ** 2 / 12, rel=1e-12)
     standard_error = squared.std() / math.sqrt(squared.size)

@@ -36,6 +36,9 @@ COLUMNS = (
     "uplink-bytes",
     "uplink-float32-bytes",
     "downlink-bytes",
+    "downlink-float32-bytes",
+    "uplink-bits-per-coordinate",
+    "downlink-bits-per-coordinate",
     "compression",
     "mse-mean",
     "mse-max",
@@ -87,6 +90,8 @@ class RunReport:
         """Totals over the run: final accuracy, bytes in both directions, epsilon."""
         up = sum(r["uplink-bytes"] or 0 for r in self.rows)
         ref = sum(r["uplink-float32-bytes"] or 0 for r in self.rows)
+        down = sum(r["downlink-bytes"] or 0 for r in self.rows)
+        down_ref = sum(r["downlink-float32-bytes"] or 0 for r in self.rows)
         last = self.rows[-1] if self.rows else {}
         return {
             "rounds": len(self.rows),
@@ -95,9 +100,14 @@ class RunReport:
             "final-loss": last.get("loss"),
             "total-uplink-bytes": up,
             "total-uplink-float32-bytes": ref,
-            "total-downlink-bytes": sum(r["downlink-bytes"] or 0 for r in self.rows),
+            "total-downlink-bytes": down,
+            "total-downlink-float32-bytes": down_ref,
             "compression-ratio": (ref / up) if up else None,
             "uplink-fraction-of-float32": (up / ref) if ref else None,
+            "downlink-fraction-of-float32": (down / down_ref) if down_ref else None,
+            "total-fraction-of-float32": (
+                (up + down) / (ref + down_ref) if ref + down_ref else None
+            ),
             "max-epsilon": max((r["epsilon-max"] or 0.0 for r in self.rows), default=0.0),
             "mean-speedup": (
                 sum(r["speedup"] or 1.0 for r in self.rows) / len(self.rows) if self.rows else None
@@ -154,7 +164,8 @@ class RunReport:
         series = (
             ("uplink-bytes", "uplink sent (quantized)", "o", "-"),
             ("uplink-float32-bytes", "uplink as float32", "s", "--"),
-            ("downlink-bytes", "downlink sent (float32 model)", "^", "-"),
+            ("downlink-bytes", "downlink sent", "^", "-"),
+            ("downlink-float32-bytes", "downlink as float32", "v", ":"),
         )
         for key, label, marker, style in series:
             ax_bytes.plot(

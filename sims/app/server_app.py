@@ -41,7 +41,9 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Validate the run config and the privacy plan, then run every round."""
     cfg = RunConfig.from_flower(context.run_config)
-    strategy = strategy_from_config(cfg)  # a bad aggregator fails here, before clients
+    # A bad aggregator fails here, before clients; a fresh run starts from the seeded
+    # model every client can build, so a quantized downlink need not send it.
+    strategy = strategy_from_config(cfg, clients_hold_initial=not cfg.run.resume)
     validate_privacy_plan(cfg)
     run(grid, cfg, strategy)
 
@@ -112,17 +114,20 @@ def run(grid: Grid, cfg: RunConfig, strategy: QuantizedStrategy) -> RunReport:
     s = report.summary()
     _progress(
         "summary: final accuracy %.4f | max epsilon %.3f | mean speedup x%.2f | total downlink"
-        " %s B | total uplink %s B"
-        " vs float32 %s B | compression x%.2f (%.4f of float32) | rejected %d, failed %d,"
+        " %s B (%.4f of float32) | total uplink %s B"
+        " vs float32 %s B | compression x%.2f (%.4f of float32) | both directions %.4f of"
+        " float32 | rejected %d, failed %d,"
         " missing %d, skipped rounds %d, discarded rounds %d%s | results in %s (plot %s)",
         s["final-accuracy"] or 0.0,
         s["max-epsilon"],
         s["mean-speedup"] or 1.0,
         f"{s['total-downlink-bytes']:,}",
+        s["downlink-fraction-of-float32"] or 0.0,
         f"{s['total-uplink-bytes']:,}",
         f"{s['total-uplink-float32-bytes']:,}",
         s["compression-ratio"] or 0.0,
         s["uplink-fraction-of-float32"] or 0.0,
+        s["total-fraction-of-float32"] or 0.0,
         s["rejected-replies"],
         s["failed-replies"],
         s["missing-replies"],

@@ -14,8 +14,8 @@ so that machine noise falls on both alike:
   MetricRecord({"num-examples": ...})})``: :func:`float32_reply`), aggregated by
   Flower's stock ``flwr.serverapp.strategy.FedAvg``.
 
-Why it is fair: both ClientApps (:func:`timed_app`) train through the same unchanged
-``clients.client_app.local_train``, passed to them explicitly and timed there: same
+Why it is fair: both ClientApps (:func:`timed_app`) receive and train through the same
+unchanged ``clients.client_app.receive`` and ``train_received``, the latter timed: same
 nodes and partitions, same seeds, same model,
 a fixed number of local steps, DP and training quantization as configured for both
 (off by default). The two global models drift apart after round 1, but training cost
@@ -27,14 +27,16 @@ are the same for both and no part of the codec or the strategy.
 Each round's time, by the wall clock and by this process's CPU time (which the load
 of other processes on a shared machine inflates far less), is split into
 
-- train: ``local_train`` in every client (the same work on both sides);
-- encode: the rest of the ClientApp call: Δ, quantize and pack vs building the float32
-  ``ArrayRecord``, plus the metrics record;
+- train: ``train_received`` in every client (the same work on both sides);
+- encode: the rest of the ClientApp call: receiving the instruction (decoding a
+  quantized downlink's deltas, node state) and Δ, quantize and pack vs building the
+  float32 ``ArrayRecord``, plus the metrics record;
 - wire: Flower 1.39's own transport byte work for each train message and reply: the
   sender computes every nested object's ID (SHA-256) and deflates it, as the SuperNode
   and the SuperLink grid do; the receiver checks each object's hash and structure, as
   the SuperLink's object store does, and inflates the message. Only the sockets are
-  missing. The downlink (the float32 global model) is the same on both sides;
+  missing. Without a quantized downlink, the float32 global model goes down on both
+  sides;
 - server: ``configure_train`` + ``aggregate_train`` (fedquant: validate, decode,
   norm bound, error-weighted aggregation and round metrics; stock: FedAvg's weighted
   mean and metric averaging).
@@ -77,7 +79,7 @@ from flwr.supercore.inflatable.inflatable_utils import (
     validate_object_content,
 )
 
-from clients.client_app import LocalRound, local_train, quantized_reply
+from clients.client_app import LocalRound, quantized_reply, receive, train_received
 from fedquant.config import RunConfig
 from fedquant.models import build_model
 from fedquant.reply import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
@@ -143,8 +145,6 @@ def transmit(msg: Message) -> tuple[Message, int]:
     return received, nbytes
 
 
-LocalTrain = Callable[[Message, Context], LocalRound]
-"""One round of local training on a node (``clients.client_app.local_train``)."""
 Reply = Callable[[Message, LocalRound], Message]
 """A ClientApp's reply to a training message, built from its finished local round."""
 
@@ -156,8 +156,11 @@ def float32_reply(msg: Message, result: LocalRound) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def timed_app(reply: Reply, clock: RoundClock, *, train: LocalTrain = local_train) -> ClientApp:
-    """A ClientApp that runs ``train`` (timed as the "train" phase), then ``reply``.
+def timed_app(reply: Reply, clock: RoundClock) -> ClientApp:
+    """A ClientApp that receives the instruction, trains (timed as "train"), then replies.
+
+    Receiving (node state, and decoding a quantized downlink) and replying are the
+    client's codec work; only ``clients.client_app.train_received`` is training.
 
     A node out of privacy budget stops the benchmark (RuntimeError): it would do less
     work than its twin on the other side.
@@ -166,8 +169,9 @@ def timed_app(reply: Reply, clock: RoundClock, *, train: LocalTrain = local_trai
 
     @app.train()
     def timed_train(msg: Message, context: Context) -> Message:
+        received = receive(msg, context)
         with clock.phase("train"):
-            result = train(msg, context)
+            result = train_received(received, context)
         if result.exhausted_epsilon is not None:
             raise RuntimeError(
                 f"node {context.node_id} exhausted its privacy budget in round "
@@ -238,7 +242,7 @@ class Federation:
         self.arrays = arrays
         s = clock.seconds
         if not s["wall-train"] > 0.0:
-            raise RuntimeError(f"{self.name}: local_train was not timed (no longer called?)")
+            raise RuntimeError(f"{self.name}: train_received was not timed (no longer called?)")
         sample = {"uplink": float(clock.uplink_bytes)}
         for c in CLOCKS:
             sample |= {f"{c}-{k}": s[f"{c}-{k}"] for k in ("train", "wire", "server", "round")}
@@ -363,12 +367,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bits", type=int, default=defaults.codec.bits)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dp", action="store_true", help="also measure with DP-SGD training")
+    parser.add_argument(
+        "--full-codec",
+        action="store_true",
+        help="also measure issue 13's codec in both directions: Hadamard rotation, dither,"
+        " entropy coding, error feedback and a downlink at --bits",
+    )
     parser.add_argument("--out", default="outputs/bench-overhead")
     args = parser.parse_args(argv)
 
     import logging
 
-    torch.set_num_threads(1)  # local_train sets it too; the server side runs here
+    torch.set_num_threads(1)  # receive sets it too; the server side runs here
     logging.getLogger("flwr").setLevel(logging.ERROR)  # e.g. FedAvg's fraction_evaluate=0 note
     base = {
         "num-supernodes": args.clients,
@@ -383,6 +393,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "out-dir": args.out,
     }
     configs = [("no DP", base)] + ([("DP-SGD", {**base, "dp": True})] if args.dp else [])
+    if args.full_codec:
+        full = {
+            "rotation": "hadamard",
+            "rounding": "dithered",
+            "entropy-coding": True,
+            "error-feedback": True,
+            "downlink-bits": args.bits,
+        }
+        configs.append(("no DP, full codec", {**base, **full}))
 
     results = []
     for label, overrides in configs:

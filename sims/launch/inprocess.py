@@ -130,4 +130,4 @@ def run_in_process(cfg: RunConfig) -> RunReport:
     from clients.client_app import app as client_app
 
     grid = InProcessGrid(client_app, num_nodes=cfg.run.num_supernodes, run_config=cfg.to_flower())
-    return run_server(grid, cfg, strategy_from_config(cfg))
+    return run_server(grid, cfg, strategy_from_config(cfg, clients_hold_initial=not cfg.run.resume))
