@@ -30,6 +30,9 @@ one step apart:
 - ``rotated-dithered-ans-ef``: the same plus client error feedback (Seide et al. 2014;
   Karimireddy et al. 2019), which returns what one round's quantization lost in the
   next: what makes 1 bit per coordinate usable in the literature.
+- ``rotated-nearest-ans-ef``: the same with nearest rounding: biased, but with half the
+  error of dither at 1 bit, and error feedback returns the bias (EF-SGD, EF21: Richtárik
+  et al. 2021).
 - ``nearest`` (not in the default grid): OCTAV-clipped nearest rounding, the second
   rounding of the earlier study.
 
@@ -138,10 +141,25 @@ PRESETS = {
                 "error-feedback": True,
             },
         ),
+        Preset(
+            "rotated-nearest-ans-ef",
+            {
+                "rotation": "hadamard",
+                "rounding": "nearest",
+                "entropy-coding": True,
+                "error-feedback": True,
+            },
+        ),
     )
 }
 """Codec presets by name (the module docstring says why these)."""
-DEFAULT_CODECS = ("baseline", "eden", "rotated-dithered-ans", "rotated-dithered-ans-ef")
+DEFAULT_CODECS = (
+    "baseline",
+    "eden",
+    "rotated-dithered-ans",
+    "rotated-dithered-ans-ef",
+    "rotated-nearest-ans-ef",
+)
 DEFAULT_BITS = (1, 2, 4, UNQUANTIZED)
 QUICK: dict[str, Any] = {
     "seeds": [0],
