@@ -65,6 +65,30 @@ def test_private_dpquant_simulation_with_ray(tmp_path: Path) -> None:
     assert rounds[1]["speedup"] > 1.0
 
 
+@pytest.mark.slow
+def test_both_directions_compressed_simulation_with_ray(tmp_path: Path) -> None:
+    """Issue 13's codec the way a user runs it: 2 bits up, 4-bit deltas down, on Ray."""
+    out = tmp_path / "out"
+    _, status = run_simulation(
+        [
+            "num-supernodes=4 num-server-rounds=3 local-steps=20 batch-size=32 dp=false",
+            'quant-policy="none" bits=2 rotation="hadamard" rounding="dithered"',
+            "entropy-coding=true error-feedback=true downlink-bits=4",
+            f'out-dir="{out}"',
+        ],
+        stream=False,
+    )
+    assert status["status"] == "finished:completed"
+    results = json.loads((out / "results.json").read_text())
+    rounds = results["rounds"]
+    assert all(r["accepted"] == 4 and r["failed"] == 0 for r in rounds)
+    assert rounds[-1]["accuracy"] > 0.6
+    # Every client rebuilt the seeded initial model, then applied 4-bit deltas.
+    assert all(0 < r["downlink-bits-per-coordinate"] < 4.5 for r in rounds[1:])
+    assert all(0 < r["uplink-bits-per-coordinate"] <= 2.2 for r in rounds)
+    assert results["summary"]["total-fraction-of-float32"] < 0.1
+
+
 @pytest.mark.parametrize(
     ("override", "key", "value"),
     [

@@ -182,8 +182,11 @@ class RunReport:
         for ax in (ax_acc, ax_eps, ax_bytes):
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.grid(alpha=0.3)
-        bits = self.config.get("bits")
-        fig.suptitle(f"fedquant: {bits}-bit updates, aggregator {self.config.get('aggregator')}")
+        bits, down = self.config.get("bits"), self.config.get("downlink-bits", 32)
+        downlink = "float32 downlink" if down == 32 else f"{down}-bit downlink"
+        fig.suptitle(
+            f"fedquant: {bits}-bit updates, {downlink}, aggregator {self.config.get('aggregator')}"
+        )
         fig.tight_layout()
         path = self.out_dir / "rounds.png"
         fig.savefig(path, dpi=100)
