@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +260,48 @@ def test_an_instruction_from_a_base_the_node_lacks_is_an_error() -> None:
     msg = Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
     with pytest.raises(DownlinkError, match="version 3"):
         received_model(msg, cfg, NodeTensors())
+
+
+class CrashingGrid(InProcessGrid):
+    """The SuperLink dies when round ``crash_round`` is sent."""
+
+    crash_round: int | None = None
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        if int(messages[0].content[CONFIG_KEY][SERVER_ROUND]) == self.crash_round:
+            raise ConnectionError("SuperLink went away")
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_a_resumed_run_sends_the_float32_model_once_and_goes_on(tmp_path: Path) -> None:
+    """After a server restart nobody's copy is known: one float32 broadcast, then deltas."""
+    values = {
+        "num-supernodes": 3,
+        "num-server-rounds": 4,
+        "local-steps": 5,
+        "batch-size": 32,
+        "dp": False,
+        "quant-policy": "none",
+        "error-feedback": True,
+        "downlink-bits": 4,
+        "out-dir": str(tmp_path),
+        "client-state-dir": str(tmp_path / "clients"),
+    }
+    cfg = RunConfig.from_flower(values)
+    grid = CrashingGrid(client_app, num_nodes=3, run_config=cfg.to_flower())
+    grid.crash_round = 3
+    with pytest.raises(ConnectionError):
+        run(grid, cfg, strategy_from_config(cfg, clients_hold_initial=True))
+    resumed = RunConfig.from_flower({**values, "resume": True})
+    grid = CrashingGrid(client_app, num_nodes=3, run_config=resumed.to_flower())
+    run(grid, resumed, strategy_from_config(resumed))
+    rows = json.loads((tmp_path / "results.json").read_text())["rounds"]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["accepted"] == 3 and r["failed"] == 0 for r in rows)
+    float32 = rows[0]["downlink-float32-bytes"]
+    assert rows[1]["downlink-bytes"] < float32 / 4  # deltas
+    assert rows[2]["downlink-bytes"] >= float32  # the resumed server knows no copy
+    assert rows[3]["downlink-bytes"] < float32 / 4  # deltas again
