@@ -19,8 +19,8 @@ coordinates of x, so heavy tails and outliers spread over the block and y is clo
 Gaussian, which a clipped uniform grid quantizes far better.
 
 Caveats. One RHT is not a uniform random rotation: for adversarial x single
-coordinates of y can stay far from Gaussian (Ben-Basat et al., arXiv 2605.06014, show
-that two RHTs suffice). Blocks are rotated independently: y mixes nothing across
+coordinates of y can stay far from Gaussian (a second RHT with independent signs is
+the usual remedy; not done here). Blocks are rotated independently: y mixes nothing across
 blocks, so a tensor whose blocks differ in norm stays a scale mixture, which one clip
 threshold for the whole tensor still sees. The padding is quantized and sent too:
 up to 2x for small tensors (count just above a power of two), under one block for
