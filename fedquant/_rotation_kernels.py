@@ -37,6 +37,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# splitmix64 (Steele, Lea & Flood 2014): the quantizer's own mixer and increment.
+from fedquant._kernels import _GAMMA, _mix64
+
 try:
     import numba
 except ImportError as e:  # pinned in pyproject.toml; there is no numpy fallback
@@ -47,13 +50,7 @@ __all__ = ["MAX_LOG_BLOCK", "rotate_blocks", "unrotate_blocks"]
 MAX_LOG_BLOCK = 14  # the pass schedule of ``_fwht`` covers blocks up to 2**14 elements
 
 _DOMAIN = np.uint64(int.from_bytes(b"fq-rht-1", "little"))
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)  # splitmix64 increment (2**64 / golden ratio)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
 _S6 = np.uint64(6)
-_S27 = np.uint64(27)
-_S30 = np.uint64(30)
-_S31 = np.uint64(31)
 _ONE = np.uint64(1)
 _ROW = 64  # elements per 64-bit word of signs
 
@@ -62,14 +59,6 @@ _inline = numba.njit(cache=True, fastmath=False, inline="always")
 
 
 # ----------------------------------------------------------------------------- signs
-
-
-@_inline
-def _mix64(z):  # type: ignore[no-untyped-def]
-    """splitmix64 output function (Steele, Lea & Flood, OOPSLA 2014)."""
-    z = (z ^ (z >> _S30)) * _MIX1
-    z = (z ^ (z >> _S27)) * _MIX2
-    return z ^ (z >> _S31)
 
 
 @_jit

@@ -88,7 +88,8 @@ def model_digest(arrays: Mapping[str, np.ndarray]) -> str:
 
 def delta_keys(version: int) -> tuple[str, str, str]:
     """Instruction keys of delta ``version``: its codes, metadata and codec records."""
-    return tuple(f"{_PREFIX}.{version}.{key}" for key in (CODES_KEY, META_KEY, CODEC_KEY))  # type: ignore[return-value]
+    prefix = f"{_PREFIX}.{version}."
+    return prefix + CODES_KEY, prefix + META_KEY, prefix + CODEC_KEY
 
 
 @dataclass

@@ -189,6 +189,24 @@ def tensor_seed(seed: int, name: str, stream: str) -> int:
 
 
 @dataclass(frozen=True)
+class _Seeds:
+    """A tensor's rotation and dither seeds (None: that transform is off)."""
+
+    rotation: int | None = None
+    dither: int | None = None
+
+
+def _tensor_seeds(seed: int | None, name: str, *, rotation: Rotation, rounding: Rounding) -> _Seeds:
+    """The seeds of tensor ``name`` for the transforms the run uses (both ends alike)."""
+    if seed is None:
+        return _Seeds()
+    return _Seeds(
+        rotation=tensor_seed(seed, name, "rotation") if rotation is Rotation.HADAMARD else None,
+        dither=tensor_seed(seed, name, "dither") if rounding is Rounding.DITHERED else None,
+    )
+
+
+@dataclass(frozen=True)
 class _Encoded:
     """One quantized tensor as it will be sent."""
 
@@ -264,16 +282,7 @@ def encode_update(
                 clip=clip,
                 rounding=rounding,
                 generator=generator,
-                rotation_seed=(
-                    tensor_seed(seed, name, "rotation")
-                    if rotation is Rotation.HADAMARD and seed is not None
-                    else None
-                ),
-                dither_seed=(
-                    tensor_seed(seed, name, "dither")
-                    if rounding is Rounding.DITHERED and seed is not None
-                    else None
-                ),
+                seeds=_tensor_seeds(seed, name, rotation=rotation, rounding=rounding),
                 unbiased_scale=unbiased_scale,
                 entropy_coding=entropy_coding,
             )
@@ -297,20 +306,16 @@ def _encode_tensor(
     clip: ClipRule,
     rounding: Rounding,
     generator: torch.Generator | None,
-    rotation_seed: int | None,
-    dither_seed: int | None,
+    seeds: _Seeds,
     unbiased_scale: bool,
     entropy_coding: bool,
 ) -> _Encoded:
     """Rotate, quantize (under a rate budget with entropy coding), rescale and code."""
     flat = tensor.to(device="cpu", dtype=torch.float32).reshape(-1).contiguous().numpy()
     count = flat.size
-    y = flat if rotation_seed is None else rotation.rotate(flat, rotation_seed)
+    y = flat if seeds.rotation is None else rotation.rotate(flat, seeds.rotation)
     y_t = torch.from_numpy(y)
-    if rounding is Rounding.STOCHASTIC and not isinstance(generator, torch.Generator):
-        raise ValueError(
-            f"`generator` must be a torch.Generator for Rounding.STOCHASTIC. Found `{generator!r}`."
-        )
+    dither_seed = seeds.dither
 
     def trial(
         width: int, s: ClipRule | float, gen: torch.Generator | None
@@ -472,29 +477,10 @@ def decode_update(
     for name in names:
         bits, clip, mse = _check_meta(name, fields[name], max_clip=max_clip)
         want = None if expected_shapes is None else expected_shapes[name]
-        seeds = _Seeds(
-            rotation=(
-                tensor_seed(seed, name, "rotation")
-                if seed is not None and rotation is Rotation.HADAMARD
-                else None
-            ),
-            dither=(
-                tensor_seed(seed, name, "dither")
-                if seed is not None and rounding is Rounding.DITHERED
-                else None
-            ),
-        )
+        seeds = _tensor_seeds(seed, name, rotation=rotation, rounding=rounding)
         values = _decode_array(name, codes[name], bits=bits, clip=clip, expected=want, seeds=seeds)
         decoded[name] = DecodedTensor(values=values, bits=bits, clip=clip, mse=mse)
     return decoded
-
-
-@dataclass(frozen=True)
-class _Seeds:
-    """A tensor's rotation and dither seeds (None: that transform is off)."""
-
-    rotation: int | None = None
-    dither: int | None = None
 
 
 def _reply_seed(content: RecordDict, required: bool) -> int | None:

@@ -158,7 +158,6 @@ class QuantizedStrategy(Strategy):
         self._global: ArrayRecord | None = None
         self._model_bytes: int | None = None  # of RecordDict({ARRAYS_KEY: _global})
         self._downlink = 0  # bytes the last configure_train sent
-        self._sent_messages = 0
         self.broadcaster = downlink
         self.clients_hold_initial = clients_hold_initial
         self._broadcast: ArrayRecord | None = None  # the model the broadcaster holds
@@ -202,8 +201,17 @@ class QuantizedStrategy(Strategy):
         if self.broadcaster is not None:
             messages = self._quantized_instructions(arrays, messages)
         self.sent_by_round[server_round] = len(messages)
-        self._sent_messages = len(messages)
-        self._downlink = sum(self._instruction_bytes(msg.content) for msg in messages)
+        # Delta instructions from the same base are identical: each size is measured once.
+        delta_bytes: dict[object, int] = {}
+        self._downlink = 0
+        for msg in messages:
+            base = None if ARRAYS_KEY in msg.content else msg.content[CONFIG_KEY].get(BASE)
+            if base is None:
+                self._downlink += self._instruction_bytes(msg.content)
+                continue
+            if base not in delta_bytes:
+                delta_bytes[base] = serialized_size(msg.content)
+            self._downlink += delta_bytes[base]
         return messages
 
     def _quantized_instructions(
@@ -295,7 +303,6 @@ class QuantizedStrategy(Strategy):
             epsilon_by_node=self.epsilon_by_node,
             downlink_bytes=self._downlink,
             float32_reply_bytes=self._float32_reply_bytes(),
-            sent_messages=self._sent_messages,
             coordinates=sum(v.numpy().size for v in self._global.values()),
         )
         if len(accepted) < self.min_replies:

@@ -158,7 +158,6 @@ class RoundMetrics:
         epsilon_by_node: Mapping[int, float],
         downlink_bytes: int,
         float32_reply_bytes: int,
-        sent_messages: int | None = None,
         coordinates: int = 0,
     ) -> RoundMetrics:
         """The metrics of a round from its replies and counts.
@@ -176,12 +175,9 @@ class RoundMetrics:
             float32_reply_bytes: bytes of one reply carrying the float32 model, the
                 reference of the uplink's compression (and, one per message sent, of
                 the downlink's).
-            sent_messages: instructions the downlink bytes were spent on (default
-                ``sent``).
             coordinates: the model's parameter count; bits per coordinate are the
                 bytes actually sent (with every header) x 8 over coordinates x messages.
         """
-        messages = sent if sent_messages is None else sent_messages
         uplink_bytes = sum(r.uplink_bytes for r in accepted)
         mses = [m for r in accepted for m in r.claimed_mse.values()]
         epsilons = [r.epsilon for r in accepted if r.epsilon is not None]
@@ -202,9 +198,9 @@ class RoundMetrics:
             uplink_bytes=uplink_bytes,
             downlink_bytes=downlink_bytes,
             uplink_float32_bytes=float32_reply_bytes * len(accepted),
-            downlink_float32_bytes=float32_reply_bytes * messages,
+            downlink_float32_bytes=float32_reply_bytes * sent,
             uplink_bits=_per_coordinate(uplink_bytes, coordinates * len(accepted)),
-            downlink_bits=_per_coordinate(downlink_bytes, coordinates * messages),
+            downlink_bits=_per_coordinate(downlink_bytes, coordinates * sent),
             mse_mean=float(np.mean(mses)) if mses else 0.0,
             mse_max=float(np.max(mses)) if mses else 0.0,
         )

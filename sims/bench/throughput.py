@@ -141,24 +141,15 @@ def rotation_throughput(
     ]
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """Plain-text table of ``quantize_pack_throughput`` rows."""
+def format_table(
+    rows: list[dict[str, Any]], *, ratio: str = "ratio_vs_torch", label: str = "vs torch"
+) -> str:
+    """Plain-text table of throughput rows: method, MB/s and the ``ratio`` column."""
     width = max(len(row["method"]) for row in rows)
-    lines = [f"{'method':<{width}}  {'MB/s':>9}  {'vs torch':>8}"]
+    col = len(label)
+    lines = [f"{'method':<{width}}  {'MB/s':>9}  {label:>{col}}"]
     lines += [
-        f"{row['method']:<{width}}  {row['mb_per_s']:>9.1f}  {row['ratio_vs_torch']:>8.2f}"
-        for row in rows
-    ]
-    return "\n".join(lines)
-
-
-def format_rotation_table(rows: list[dict[str, Any]]) -> str:
-    """Plain-text table of ``rotation_throughput`` rows."""
-    width = max(len(row["method"]) for row in rows)
-    lines = [f"{'method':<{width}}  {'MB/s':>9}  {'vs quantize+pack':>16}"]
-    lines += [
-        f"{row['method']:<{width}}  {row['mb_per_s']:>9.1f}  {row['ratio_vs_quantize_pack']:>16.2f}"
-        for row in rows
+        f"{row['method']:<{width}}  {row['mb_per_s']:>9.1f}  {row[ratio]:>{col}.2f}" for row in rows
     ]
     return "\n".join(lines)
 
@@ -186,7 +177,7 @@ def main() -> None:
         numel=args.rotation_numel, repeats=args.rotation_repeats, seed=args.seed
     )
     print(f"\nrotation: numel={args.rotation_numel}, best of {args.rotation_repeats}")
-    print(format_rotation_table(rotation_rows))
+    print(format_table(rotation_rows, ratio="ratio_vs_quantize_pack", label="vs quantize+pack"))
 
 
 if __name__ == "__main__":
