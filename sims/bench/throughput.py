@@ -145,7 +145,7 @@ def format_table(
     rows: list[dict[str, Any]], *, ratio: str = "ratio_vs_torch", label: str = "vs torch"
 ) -> str:
     """Plain-text table of throughput rows: method, MB/s and the ``ratio`` column."""
-    width = max(len(row["method"]) for row in rows)
+    width = max(len("method"), *(len(row["method"]) for row in rows))
     col = len(label)
     lines = [f"{'method':<{width}}  {'MB/s':>9}  {label:>{col}}"]
     lines += [
